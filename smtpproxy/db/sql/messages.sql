@@ -1,0 +1,91 @@
+-- Statements on messages and delivery_logs used by ingress, delivery and the scheduler.
+
+-- name: insert_messages
+INSERT INTO messages (
+    id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
+    header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status)
+SELECT u.id, u.tenant_id, u.account_id, u.mail_from,
+       ARRAY(SELECT jsonb_array_elements_text(u.rcpt_to)), u.subject, u.header_message_id,
+       u.header_from, u.header_to, u.header_cc, u.size, u.sha256, u.storage_key, u.client_ip,
+       'queued'
+FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::jsonb[], %s::text[],
+            %s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[],
+            %s::text[])
+     AS u(id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
+          header_from, header_to, header_cc, size, sha256, storage_key, client_ip)
+
+-- name: mark_enqueue_failed
+-- Only rows still queued: one a consumer already claimed is in flight, and its client
+-- must then be told 250.
+UPDATE messages
+SET status = 'enqueue_failed', last_error = %(reason)s, updated_at = now(), finished_at = now()
+WHERE id = ANY(%(ids)s) AND status = 'queued'
+RETURNING id
+
+-- name: claim_message
+-- Compare-and-set to sending. A due queued/retrying row, or a row stuck in sending past
+-- the visibility timeout (its consumer died), can be claimed; anything else cannot.
+UPDATE messages
+SET status = 'sending', attempts = attempts + 1, claimed_by = %(consumer)s,
+    claimed_at = now(), updated_at = now()
+WHERE id = %(id)s
+  AND ((status IN ('queued', 'retrying')
+        AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
+       OR (status = 'sending' AND claimed_at < now() - make_interval(secs => %(visibility)s)))
+RETURNING id, tenant_id, account_id, mail_from, rcpt_to, storage_key, attempts, created_at,
+          size, header_message_id
+
+-- name: message_status
+SELECT status FROM messages WHERE id = %s
+
+-- name: insert_delivery_log
+INSERT INTO delivery_logs (
+    message_id, account_id, tenant_id, provider_name, status, error_message,
+    attempt_number, duration_ms, provider_message_id, recipients)
+VALUES (%(message_id)s, %(account_id)s, %(tenant_id)s, %(provider_name)s, %(status)s,
+        %(error_message)s, %(attempt_number)s, %(duration_ms)s, %(provider_message_id)s,
+        %(recipients)s)
+
+-- name: finish_attempt
+-- Record the outcome of the attempt this consumer claimed; 0 rows means another consumer
+-- took the message over meanwhile.
+UPDATE messages
+SET status = %(status)s, next_attempt_at = %(next_attempt_at)s, provider_name = %(provider_name)s,
+    provider_message_id = coalesce(%(provider_message_id)s, provider_message_id),
+    last_error = %(last_error)s, claimed_by = NULL, claimed_at = NULL, updated_at = now(),
+    finished_at = CASE WHEN %(final)s THEN now() END
+WHERE id = %(id)s AND status = 'sending' AND claimed_by = %(consumer)s
+RETURNING id
+
+-- name: take_due_retries
+-- The scheduler moves due retrying rows back to queued (and XADDs them in the same
+-- transaction); SKIP LOCKED lets several instances share the work.
+UPDATE messages m
+SET status = 'queued', next_attempt_at = NULL, updated_at = now()
+FROM (SELECT id FROM messages
+      WHERE status = 'retrying' AND next_attempt_at <= now()
+      ORDER BY next_attempt_at
+      LIMIT %(limit)s
+      FOR UPDATE SKIP LOCKED) due
+WHERE m.id = due.id
+RETURNING m.id, m.tenant_id, m.account_id
+
+-- name: stale_queued
+-- Live rows that may have lost their stream entry: queued for longer than the grace
+-- period, or stuck in sending past the visibility timeout.
+SELECT id, tenant_id, account_id FROM messages
+WHERE (status = 'queued' AND updated_at < now() - make_interval(secs => %(grace)s))
+   OR (status = 'sending' AND claimed_at < now() - make_interval(secs => %(visibility)s))
+ORDER BY id
+
+-- name: touch_queued
+UPDATE messages SET updated_at = now() WHERE id = ANY(%s) AND status IN ('queued', 'sending')
+
+-- name: split_message
+-- A child row per route group shares the parent's body; the parent becomes final.
+INSERT INTO messages (
+    id, parent_id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
+    header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status, created_at)
+SELECT %(child_id)s, id, tenant_id, account_id, mail_from, %(rcpt_to)s, subject, header_message_id,
+       header_from, header_to, header_cc, size, sha256, storage_key, client_ip, 'queued', created_at
+FROM messages WHERE id = %(parent_id)s
