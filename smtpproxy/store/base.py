@@ -1,0 +1,51 @@
+"""The MessageStore protocol: where raw RFC 5322 bodies live, apart from the metadata.
+
+Every method is blocking and safe to call from several worker threads at once; trio
+code calls them through an Offload. Every backend raises BodyNotFound for a missing
+key and StoreUnavailable when it cannot do its job right now (disk full, read-only,
+S3 unreachable), so ingress can answer 451 without knowing which backend it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import attrs
+
+
+@attrs.frozen
+class StoredObject:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+def key_for(message_id: str) -> str:
+    """The storage key of a message: fanned out by the id's random tail, so a million
+    bodies spread over 1,024 directories (or S3 key prefixes)."""
+    tail = message_id[-4:].lower()
+    return f"{tail[2:]}/{tail[:2]}/{message_id}.eml"
+
+
+class MessageStore(Protocol):
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Store each (key, body); when this returns every body is durable."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store one body durably."""
+
+    def get(self, key: str) -> bytes:
+        """The body under key; BodyNotFound when there is none."""
+
+    def delete(self, key: str) -> None:
+        """Remove key; removing a missing key is not an error."""
+
+    def check(self) -> None:
+        """Raise StoreUnavailable when the store cannot take writes now."""
+
+    def iter_objects(self) -> Iterator[StoredObject]:
+        """Every stored body, in no particular order, without loading them."""
+
+    def describe(self) -> str:
+        """Where the bodies are, for banners and `check-config`."""
