@@ -1,0 +1,93 @@
+"""The aiosmtpd handler: per-command decisions on the ingress (asyncio) thread.
+
+Cheap checks happen here (sender domain, recipient count); anything needing PostgreSQL,
+Redis, the store or CPU-heavy work goes to trio through a bridge portal: credentials to
+the Authenticator, accepted messages to the group Committer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from loguru import logger
+
+from smtpproxy.domains import any_matches, domain_of
+from smtpproxy.headers import summarize
+from smtpproxy.ids import new_message_id
+from smtpproxy.ingress import replies
+from smtpproxy.ingress.bridge import BridgeError, Portal
+from smtpproxy.models import AccountIdentity, Submission
+from smtpproxy.store import key_for
+
+AuthFn = Callable[[bytes, bytes, str], Awaitable[AccountIdentity | str | None]]
+
+
+def peer_ip(session: Any) -> str:
+    peer = getattr(session, "peer", None)
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
+class IngressHandler:
+    def __init__(
+        self, *, commit: Portal, calls: Portal, authenticate: AuthFn, max_recipients: int
+    ) -> None:
+        self._commit = commit
+        self._calls = calls
+        self._auth = authenticate
+        self._max_recipients = max_recipients
+
+    async def authenticate(
+        self, server: Any, session: Any, login: bytes, password: bytes
+    ) -> AccountIdentity | str | None:
+        try:
+            result: AccountIdentity | str | None = await self._calls.submit(
+                (self._auth, (login, password, peer_ip(session)))
+            )
+        except BridgeError:
+            return replies.AUTH_TEMPFAIL
+        return result
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        account: AccountIdentity = session.account
+        if address and account.allowed_domains:
+            if not any_matches(account.allowed_domains, domain_of(address)):
+                logger.bind(account=account.username, client_ip=peer_ip(session)).info(
+                    "sender {} refused: not an allowed domain", address
+                )
+                return replies.SENDER_DENIED
+        return replies.SENDER_OK
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self._max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        return replies.RECIPIENT_OK
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        body: bytes = envelope.original_content
+        mid = new_message_id()
+        sub = Submission(
+            message_id=mid,
+            account=session.account,
+            mail_from=envelope.mail_from or "",
+            rcpt_to=tuple(envelope.rcpt_tos),
+            body=body,
+            client_ip=peer_ip(session),
+            headers=summarize(body),
+            storage_key=key_for(mid),
+            sha256=hashlib.sha256(body).hexdigest(),
+        )
+        try:
+            reply: str = await self._commit.submit(sub)
+        except BridgeError:
+            return replies.TEMPFAIL
+        return reply
+
+    async def handle_exception(self, error: Exception) -> str:
+        logger.opt(exception=error).error("SMTP session error")
+        return replies.TEMPFAIL

@@ -1,0 +1,377 @@
+"""RelaySMTP: the aiosmtpd SMTP protocol, adjusted where a relay on the internet needs it.
+
+Runs on the ingress thread's asyncio loop; this and ingress/handler.py are the only
+asyncio code in smtpproxy. Relies on aiosmtpd 1.4.6 internals (pinned in pyproject):
+`_reader`, `_reader._buffer` (push-back of pipelined bytes), `_tls_protocol`,
+`_set_post_data_state`, `_call_handler_hook`, `_getaddr`, `_getparams`; the tests in
+tests/ingress/test_protocol.py compare its replies with stock aiosmtpd's on edge cases.
+
+What differs from stock aiosmtpd:
+* DATA is read in 64 KiB chunks by ingress/dataread.py (stock reads line by line) and
+  rejects bare CR/LF (SMTP smuggling), closing the connection;
+* the null sender <> is accepted; MAIL SIZE= over the limit is 552 5.3.4; AUTH= is
+  accepted (RFC 4954 5);
+* AUTH PLAIN/LOGIN verify credentials asynchronously (on trio, through the handler);
+  aborting with "*" gets exactly one reply; LOGIN prompts are "Username:"/"Password:";
+  mechanism names are case-insensitive;
+* implicit-TLS listeners count as TLS for AUTH;
+* every 2xx/4xx/5xx reply carries an enhanced status code (ENHANCEDSTATUSCODES);
+* sessions over the connection limit, or arriving while draining, get 421.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+from base64 import b64decode
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP, syntax
+
+from smtpproxy.ingress import replies
+from smtpproxy.ingress.dataread import DataReader, Verdict
+
+_FAST_ADDR = re.compile(
+    r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*)>"
+    r"(.*)\Z",
+    re.S,
+)
+_CHUNK = 65536
+
+
+class Gate:
+    """Counters and switches shared by every session of one ingress thread."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.sessions = 0
+        self.in_data = 0
+        self.draining = False
+        self.protocols: set[RelaySMTP] = set()  # live sessions, closed at shutdown
+
+
+class RelaySMTP(SMTP):  # type: ignore[misc]
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        gate: Gate,
+        implicit_tls: bool = False,
+        auth_requires_tls: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        # AUTH requirements are enforced here (check_auth_needed, smtp_AUTH) so that
+        # implicit TLS counts as TLS; aiosmtpd's own checks are switched off.
+        super().__init__(handler, auth_required=False, auth_require_tls=False, **kwargs)
+        self._gate = gate
+        self._implicit_tls = implicit_tls
+        self._auth_requires_tls = auth_requires_tls
+        self._counted = False
+        # per instance: aiosmtpd's class-level dict is shared by every session
+        self.command_size_limits = collections.defaultdict(
+            lambda: self.command_size_limit, {"MAIL": 1024, "RCPT": 1024}
+        )
+
+    # -- session accounting --------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and not self._counted:  # not the STARTTLS re-entry
+            self._counted = True
+            self._gate.sessions += 1
+            self._gate.protocols.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._gate.sessions -= 1
+            self._gate.protocols.discard(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._gate.draining or self._gate.sessions > self._gate.max_connections:
+            reply = replies.SHUTTING_DOWN if self._gate.draining else replies.TOO_MANY_CONNECTIONS
+            await super().push(reply)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    # -- replies -------------------------------------------------------------------
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = replies.with_enhanced_code(status)
+        await super().push(status)
+
+    async def _push_raw(self, line: str) -> None:
+        await super().push(line)
+
+    def is_tls(self) -> bool:
+        return self._implicit_tls or self._tls_protocol is not None
+
+    def _auth_allowed_now(self) -> bool:
+        return self.is_tls() or not self._auth_requires_tls
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        if self.session is not None and self.session.authenticated:
+            return False
+        await self.push("530 5.7.0 Authentication required")
+        return True
+
+    # -- greeting commands ---------------------------------------------------------
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 Syntax: HELO hostname")
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = False
+        self.session.host_name = hostname
+        await self._push_raw(f"250 {self.hostname}")
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        lines = [self.hostname, "PIPELINING"]
+        if self.data_size_limit:
+            lines.append(f"SIZE {self.data_size_limit}")
+        lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.tls_context and not self.is_tls():
+            lines.append("STARTTLS")
+        if self._auth_allowed_now():
+            lines.append("AUTH LOGIN PLAIN")
+        lines.append("HELP")
+        for line in lines[:-1]:
+            await self._push_raw(f"250-{line}")
+        await self._push_raw(f"250 {lines[-1]}")
+
+    # -- AUTH ----------------------------------------------------------------------
+    # aiosmtpd's smtp_AUTH is replaced whole: its credential check is synchronous (we
+    # verify on trio), it answers twice when a client aborts with "*", and it touches
+    # the deprecated Session.login_data.
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if await self.check_helo_needed("EHLO"):
+            return
+        if not self.session.extended_smtp:
+            await self.push("500 5.5.1 Error: command 'AUTH' not recognized")
+            return
+        if not self._auth_allowed_now():
+            await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        if self.session.authenticated:
+            await self.push("503 5.5.1 Already authenticated")
+            return
+        args = arg.split() if arg else []
+        if not args or len(args) > 2:
+            await self.push("501 5.5.4 Syntax: AUTH <mechanism> [initial-response]")
+            return
+        mechanism = args[0].upper()
+        if mechanism == "PLAIN":
+            credentials = await self._plain_credentials(args[1] if len(args) == 2 else None)
+        elif mechanism == "LOGIN":
+            credentials = await self._login_credentials(args[1] if len(args) == 2 else None)
+        else:
+            await self.push("504 5.5.4 Unrecognized authentication type")
+            return
+        if credentials is None:
+            return  # already answered (bad base64, abort)
+        result = await self.event_handler.authenticate(self, self.session, *credentials)
+        if isinstance(result, str):  # e.g. 454: the check itself failed
+            await self.push(result)
+        elif result is None:
+            await self.push(replies.AUTH_INVALID)
+        else:
+            self.session.authenticated = True
+            self.session.account = result
+            await self.push("235 2.7.0 Authentication successful")
+
+    async def _decode_b64(self, text: str) -> bytes | None:
+        try:
+            return b64decode(text.encode(), validate=True)
+        except ValueError:
+            await self.push("501 5.5.2 Can't decode base64")
+            return None
+
+    async def _challenge(self, prompt: str) -> bytes | None:
+        """One 334 round trip; None when the client aborted or sent bad base64."""
+        response = await self.challenge_auth(prompt)
+        return None if response is MISSING else response  # challenge_auth answered
+
+    async def _plain_credentials(self, initial: str | None) -> tuple[bytes, bytes] | None:
+        blob = await (self._challenge("") if initial is None else self._decode_b64(initial))
+        if blob is None:
+            return None
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return None
+        return parts[1], parts[2]
+
+    async def _login_credentials(self, initial: str | None) -> tuple[bytes, bytes] | None:
+        if initial is None:
+            login = await self._challenge(self.AuthLoginUsernameChallenge)
+        else:
+            login = await self._decode_b64(initial)
+        if login is None:
+            return None
+        password = await self._challenge(self.AuthLoginPasswordChallenge)
+        if password is None:
+            return None
+        return login, password
+
+    # -- envelope ------------------------------------------------------------------
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        m = _FAST_ADDR.match(arg.lstrip()) if arg else None
+        if m is None:
+            if arg and arg.lstrip().startswith("<>"):
+                return "", arg.lstrip()[2:].lstrip(" \t")
+            return super()._getaddr(arg)  # type: ignore[no-any-return]
+        return m.group(1), m.group(2).lstrip(" \t")
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        syntaxerr = "501 5.5.4 Syntax: MAIL FROM:<address> [SP <mail-parameters>]"
+        arg = self._strip_command_keyword("FROM:", arg) if arg is not None else None
+        if arg is None:
+            await self.push(syntaxerr)
+            return
+        address, rest = self._getaddr(arg)
+        if address is None:
+            await self.push("553 5.1.3 Error: malformed address")
+            return
+        if address == "" and not arg.lstrip().startswith("<>"):
+            await self.push(syntaxerr)
+            return
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        options = (rest or "").upper().split()
+        params = self._getparams(options)
+        if params is None:
+            await self.push(syntaxerr)
+            return
+        if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
+            await self.push("501 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME")
+            return
+        smtputf8 = params.pop("SMTPUTF8", False)
+        if smtputf8 is not False and smtputf8 is not True:
+            await self.push("501 5.5.4 Error: SMTPUTF8 takes no arguments")
+            return
+        params.pop("AUTH", None)  # RFC 4954 5: we trust our own AUTH, not the client's claim
+        size = params.pop("SIZE", None)
+        if size is not None:
+            if not isinstance(size, str) or not size.isdigit():
+                await self.push(syntaxerr)
+                return
+            if self.data_size_limit and int(size) > self.data_size_limit:
+                await self.push(replies.TOO_BIG)
+                return
+        if params:
+            await self.push("555 5.5.4 MAIL FROM parameters not recognized or not implemented")
+            return
+        status = await self._call_handler_hook("MAIL", address, options)
+        if status is MISSING:
+            status = replies.SENDER_OK
+        if status.startswith("250"):
+            self.envelope.mail_from = address
+            self.envelope.mail_options.extend(options)
+            self.envelope.smtp_utf8 = bool(smtputf8)
+        await self.push(status)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        syntaxerr = "501 5.5.4 Syntax: RCPT TO:<address>"
+        arg = self._strip_command_keyword("TO:", arg) if arg is not None else None
+        if arg is None:
+            await self.push(syntaxerr)
+            return
+        address, rest = self._getaddr(arg)
+        if address is None:
+            await self.push("553 5.1.3 Error: malformed address")
+            return
+        if not address:
+            await self.push(syntaxerr)
+            return
+        options = (rest or "").upper().split()
+        params = self._getparams(options)
+        if params is None:
+            await self.push(syntaxerr)
+            return
+        if params:
+            await self.push("555 5.5.4 RCPT TO parameters not recognized or not implemented")
+            return
+        status = await self._call_handler_hook("RCPT", address, options)
+        if status is MISSING:
+            status = replies.RECIPIENT_OK
+        if status.startswith("250"):
+            self.envelope.rcpt_tos.append(address)
+            self.envelope.rcpt_options.extend(options)
+        await self.push(status)
+
+    # -- DATA ----------------------------------------------------------------------
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        self._gate.in_data += 1
+        try:
+            await self._receive_data()
+        finally:
+            self._gate.in_data -= 1
+
+    async def _receive_data(self) -> None:
+        await self._push_raw("354 End data with <CR><LF>.<CR><LF>")
+        reader = DataReader(self.data_size_limit, self.line_length_limit)
+        while True:
+            chunk = await self._reader.read(_CHUNK)
+            if not chunk:
+                return  # EOF: the session is over
+            self._reset_timeout()  # the idle timeout counts from the last bytes received
+            result = reader.feed(chunk)
+            if result is not None:
+                break
+        if result.verdict is Verdict.BARE_NEWLINE:
+            # the client's idea of where data ends differs from ours: hang up rather than
+            # read anything after this as commands
+            await self.push(replies.BARE_NEWLINE)
+            self._set_post_data_state()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if result.leftover:  # commands the client pipelined after the final dot
+            self._reader._buffer[0:0] = result.leftover
+        if result.verdict is Verdict.TOO_BIG:
+            await self.push(replies.TOO_BIG)
+            self._set_post_data_state()
+            return
+        if result.verdict is Verdict.LINE_TOO_LONG:
+            await self.push(replies.LINE_TOO_LONG)
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = result.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 2.0.0 Ok" if status is MISSING else status)

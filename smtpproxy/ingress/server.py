@@ -1,0 +1,198 @@
+"""The SMTP ingress service: aiosmtpd on its own uvloop thread, group commit on trio.
+
+run_ingress() is a trio service (started with nursery.start): it starts the committers
+and the call dispatcher, binds every listener on the ingress thread, reports the bound
+addresses, and on cancellation closes the listeners and every session and stops the
+thread. Draining (stop taking new sessions, let DATA in progress finish) is driven by
+the service through the IngressHandle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import ssl
+import threading
+from collections.abc import Callable
+
+import attrs
+import trio
+import uvloop
+from loguru import logger
+
+from smtpproxy.config import HostPort
+from smtpproxy.errors import ListenError
+from smtpproxy.ingress import bridge, tls
+from smtpproxy.ingress.auth import Authenticator
+from smtpproxy.ingress.commit import Committer
+from smtpproxy.ingress.handler import IngressHandler
+from smtpproxy.ingress.protocol import Gate, RelaySMTP
+from smtpproxy.resources import Resources
+
+# aiosmtpd logs every command at INFO on "mail.log": far too costly and too chatty
+logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+@attrs.define
+class Listener:
+    address: HostPort
+    implicit_tls: bool = False
+
+
+@attrs.define
+class IngressHandle:
+    gate: Gate
+    bound: list[tuple[str, int]]
+    committer: Committer
+
+    def begin_drain(self) -> None:
+        self.gate.draining = True  # read by the ingress thread; a bool store is atomic
+
+    async def wait_data_done(self) -> None:
+        while self.gate.in_data:
+            await trio.sleep(0.05)
+
+
+class IngressThread:
+    """The asyncio loop thread and its listening servers."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listeners: list[tuple[Listener, Callable[[], RelaySMTP], ssl.SSLContext | None]],
+        gate: Gate,
+    ) -> None:
+        self._loop = loop
+        self._listeners = listeners
+        self._gate = gate
+        self._ready = threading.Event()
+        self._error: ListenError | None = None
+        self._servers: list[asyncio.Server] = []
+        self._thread = threading.Thread(target=self._main, name="smtp-ingress", daemon=True)
+        self.bound: list[tuple[str, int]] = []
+
+    def start(self) -> list[tuple[str, int]]:
+        """Start the thread and wait until every listener is bound (blocking)."""
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self.bound
+
+    async def _bind(self) -> None:
+        for listener, factory, ctx in self._listeners:
+            addr = listener.address
+            try:
+                server = await self._loop.create_server(
+                    factory, addr.host, addr.port, ssl=ctx, backlog=1024, reuse_address=True
+                )
+            except OSError as exc:
+                raise ListenError(f"smtp listener {addr}: {exc.strerror or exc}") from None
+            self._servers.append(server)
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                self.bound.append((host, port))
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._bind())
+        except ListenError as exc:
+            self._error = exc
+            self._close_servers()
+            self._ready.set()
+            self._loop.close()
+            return
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._close_servers()
+            for proto in list(self._gate.protocols):
+                if proto.transport is not None:
+                    proto.transport.close()
+            tasks = asyncio.all_tasks(self._loop)
+            for task in tasks:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def _close_servers(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    def stop(self) -> None:
+        """Stop the loop and wait for the thread (blocking)."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        except RuntimeError:
+            return  # closed meanwhile
+        self._thread.join(timeout=10)
+
+
+async def run_ingress(
+    res: Resources,
+    listeners: list[Listener] | None = None,
+    *,
+    task_status: trio.TaskStatus[IngressHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    cfg = res.cfg
+    listeners = listeners or [Listener(a) for a in cfg.smtp.listen]
+    token = trio.lowlevel.current_trio_token()
+    loop = uvloop.new_event_loop()
+    tls_ctx = tls.server_context(cfg)
+    gate = Gate(cfg.smtp.max_connections)
+    commit_send, commit_recv = trio.open_memory_channel[bridge.Job](math.inf)
+    committer = Committer(res, loop)
+    authenticator = Authenticator(res)
+    hostname = cfg.smtp.effective_hostname()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(cfg.smtp.committers):
+            nursery.start_soon(committer.run, commit_recv.clone())
+        handler = IngressHandler(
+            commit=bridge.Portal(loop, token, bridge.channel_sink(commit_send)),
+            calls=bridge.Portal(loop, token, bridge.call_sink(nursery, loop)),
+            authenticate=authenticator.verify,
+            max_recipients=cfg.smtp.max_recipients,
+        )
+
+        def factory(implicit: bool) -> Callable[[], RelaySMTP]:
+            def make() -> RelaySMTP:
+                return RelaySMTP(
+                    handler,
+                    gate=gate,
+                    implicit_tls=implicit,
+                    auth_requires_tls=not cfg.smtp.allow_plaintext_auth,
+                    hostname=hostname,
+                    ident="smtpproxy ESMTP",
+                    tls_context=None if implicit else tls_ctx,
+                    data_size_limit=cfg.smtp.max_message_size,
+                    enable_SMTPUTF8=True,
+                    decode_data=False,
+                    timeout=cfg.smtp.timeout,
+                    loop=loop,
+                )
+
+            return make
+
+        thread = IngressThread(
+            loop,
+            [(ln, factory(ln.implicit_tls), tls_ctx if ln.implicit_tls else None) for ln in listeners],
+            gate,
+        )
+        bound = await trio.to_thread.run_sync(thread.start)
+        for host, port in bound:
+            logger.info("SMTP listening on {}:{}", host, port)
+        task_status.started(IngressHandle(gate, bound, committer))
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.stop)
+                commit_send.close()
