@@ -1,0 +1,101 @@
+"""What every provider is: a spec (from PostgreSQL or the config file), a send() that
+turns one delivery into an Outcome, and the registry of provider types.
+
+Provider modules keep three parts apart: a pure request builder, a pure response
+classifier, and a thin send() that does the I/O between them. A provider never raises
+for a delivery problem: it returns Outcome.retry or Outcome.permanent. It raises
+ProviderConfigError only when its settings make it unusable (a recorded failure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import attrs
+
+from smtpproxy.errors import SmtpProxyError
+from smtpproxy.models import Outcome
+
+
+class ProviderConfigError(SmtpProxyError):
+    """A provider's settings are missing or invalid; names the setting."""
+
+
+@attrs.frozen
+class ProviderSpec:
+    name: str
+    type: str
+    settings: Mapping[str, Any] = attrs.Factory(dict)
+    endpoint: str | None = None
+    secret: str | None = attrs.field(default=None, repr=False)  # plain, in memory only
+    tenant_id: int | None = None  # None: defined in the config file, for every tenant
+    enabled: bool = True
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        return self.settings.get(key, default)
+
+    def require(self, key: str) -> Any:
+        value = self.settings.get(key)
+        if value in (None, ""):
+            raise ProviderConfigError(f"provider {self.name}: setting {key!r} is required")
+        return value
+
+    def require_secret(self, what: str) -> str:
+        if not self.secret:
+            raise ProviderConfigError(
+                f"provider {self.name}: no {what} stored (add it with --secret-stdin)"
+            )
+        return self.secret
+
+
+@attrs.frozen
+class Delivery:
+    """One attempt's input: the envelope of one route group and the exact bytes."""
+
+    message_id: str
+    tenant_id: int
+    account_id: int
+    mail_from: str
+    recipients: tuple[str, ...]
+    body: bytes = attrs.field(repr=False)
+
+
+class Provider(Protocol):
+    spec: ProviderSpec
+
+    async def send(self, delivery: Delivery) -> Outcome: ...
+
+    async def aclose(self) -> None: ...
+
+
+@attrs.frozen
+class SettingInfo:
+    description: str
+    required: bool = False
+
+
+@attrs.frozen
+class ProviderType:
+    name: str
+    factory: Callable[[ProviderSpec], Provider]
+    settings: Mapping[str, SettingInfo]
+    secret: str | None = None  # what the secret is ("API key"), None if it takes none
+    secret_required: bool = False
+    default_endpoint: str | None = None
+    max_recipients: int | None = None  # per request; larger route groups are split
+
+    def validate(self, spec: ProviderSpec) -> None:
+        """Raise ProviderConfigError for unknown or missing settings."""
+        for key in spec.settings:
+            if key not in self.settings:
+                known = ", ".join(sorted(self.settings)) or "none"
+                raise ProviderConfigError(
+                    f"provider {spec.name}: type {self.name} has no setting {key!r} "
+                    f"(known: {known})"
+                )
+        for key, info in self.settings.items():
+            if info.required:
+                spec.require(key)
+        if self.secret_required:
+            spec.require_secret(self.secret or "secret")

@@ -1,0 +1,63 @@
+"""Opening and closing what the service and the CLI share: the database pool, Redis,
+the message store, the secret box, and the thread slots each blocking library uses."""
+
+from __future__ import annotations
+
+import attrs
+import redis
+
+from smtpproxy import embedded
+from smtpproxy.config import Config
+from smtpproxy.crypto import SecretBox
+from smtpproxy.db.pool import Database
+from smtpproxy.queue import streams
+from smtpproxy.store import MessageStore, open_store
+from smtpproxy.threads import Offload
+
+
+@attrs.define
+class Resources:
+    cfg: Config
+    db: Database
+    redis: redis.Redis
+    blocking_redis: redis.Redis  # for XREADGROUP BLOCK: its own pool and a longer timeout
+    streams: streams.Streams
+    redis_offload: Offload
+    store: MessageStore
+    store_offload: Offload
+    box: SecretBox
+    cpu_offload: Offload  # password hashing
+
+    def consumer_streams(self) -> streams.Streams:
+        return streams.Streams(self.blocking_redis, self.cfg.redis.key_prefix)
+
+    def close(self) -> None:
+        self.db.close()
+        self.redis.close()
+        self.blocking_redis.close()
+
+
+def open_resources(cfg: Config, *, application_name: str = "smtpproxy") -> Resources:
+    db = Database(
+        embedded.database_url(cfg),
+        min_size=cfg.database.pool_min,
+        max_size=cfg.database.pool_max,
+        connect_timeout=cfg.database.connect_timeout,
+        name=application_name,
+    )
+    db.open()
+    rurl = embedded.redis_url(cfg)
+    client = streams.connect(rurl, socket_timeout=cfg.redis.socket_timeout)
+    blocking = streams.connect(rurl, socket_timeout=cfg.redis.socket_timeout + 5)
+    return Resources(
+        cfg=cfg,
+        db=db,
+        redis=client,
+        blocking_redis=blocking,
+        streams=streams.Streams(client, cfg.redis.key_prefix),
+        redis_offload=Offload("redis", 16),
+        store=open_store(cfg),
+        store_offload=Offload("store", 32),
+        box=SecretBox.from_config(cfg),
+        cpu_offload=Offload("cpu", 2),
+    )

@@ -1,0 +1,151 @@
+"""`smtpproxy run`: open resources, start every service in one nursery, shut down cleanly.
+
+Start-up order: resources, migrations, routing snapshot, then the services; `serve`
+reports ready (task_status) only when the SMTP listeners and the health endpoint are
+bound. Shutdown (the stop event, set by SIGTERM/SIGINT): readiness says "draining", new
+SMTP sessions get 421, DATA in progress and deliveries in flight get until
+delivery.shutdown_grace to finish, then everything is cancelled. Deliveries cut off
+then stay pending on the stream and are reclaimed by another instance (or this one
+after a restart) once the visibility timeout passes.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import attrs
+import trio
+from loguru import logger
+
+from smtpproxy.config import Config, HostPort
+from smtpproxy.db import migrate
+from smtpproxy.delivery import directory
+from smtpproxy.delivery.consumer import Consumer, DirectoryHolder, consumer_name
+from smtpproxy.delivery.retry import RetryPolicy
+from smtpproxy.delivery.scheduler import run_directory_reload, run_reconciler, run_scheduler
+from smtpproxy.errors import DatabaseUnavailable
+from smtpproxy.health import HealthState, run_health
+from smtpproxy.ingress.server import run_ingress
+from smtpproxy.resources import Resources, open_resources
+from smtpproxy.supervise import supervise
+
+
+@attrs.frozen
+class Running:
+    smtp: list[tuple[str, int]]
+    health: tuple[str, int] | None
+
+
+def retry_policy(cfg: Config) -> RetryPolicy:
+    d = cfg.delivery
+    return RetryPolicy(schedule=d.retry_schedule, max_attempts=d.max_attempts, max_age=d.max_age)
+
+
+async def _wait_for_database(res: Resources) -> None:
+    """Apply migrations, waiting (and saying so) while PostgreSQL is unreachable."""
+    delay = 1.0
+    while True:
+        try:
+            applied = await trio.to_thread.run_sync(migrate.migrate, res.db.url)
+        except DatabaseUnavailable as exc:
+            logger.warning("waiting for PostgreSQL ({}); retrying in {:.0f} s", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 30)
+            continue
+        for mig in applied:
+            logger.info("applied migration {:03d}_{}", mig.version, mig.name)
+        return
+
+
+def _health_checks(res: Resources) -> dict[str, object]:
+    async def postgresql() -> None:
+        await trio.to_thread.run_sync(res.db.ping, abandon_on_cancel=True)
+
+    async def redis() -> None:
+        await trio.to_thread.run_sync(res.streams.ping, abandon_on_cancel=True)
+
+    async def store() -> None:
+        await trio.to_thread.run_sync(res.store.check, abandon_on_cancel=True)
+
+    return {"postgresql": postgresql, "redis": redis, "store": store}
+
+
+def banner(cfg: Config) -> None:
+    where = f"config {cfg.source}" if cfg.source else "built-in defaults (no config file found)"
+    logger.info("smtpproxy starting with {}", where)
+    if cfg.uses_embedded:
+        logger.warning(
+            "using the embedded PostgreSQL/Redis under {} (fine for trying smtpproxy out). "
+            "For production set database.url and redis.url in smtpproxy.toml to real servers.",
+            cfg.data_dir,
+        )
+    if cfg.delivery.default_route:
+        logger.info("messages no routing rule matches go to provider {!r}", cfg.delivery.default_route)
+
+
+async def serve(
+    cfg: Config,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    banner(cfg)
+    res = await trio.to_thread.run_sync(open_resources, cfg)
+    pool = directory.ProviderPool()
+    try:
+        await _wait_for_database(res)
+        holder = DirectoryHolder(
+            await res.db.run(lambda conn: directory.load(conn, cfg, res.box))
+        )
+        health = HealthState(checks=_health_checks(res))  # type: ignore[arg-type]
+        consumer = Consumer(res, holder, pool, name=consumer_name(0), policy=retry_policy(cfg))
+        async with trio.open_nursery() as nursery:
+            ingress = await nursery.start(run_ingress, res)
+            await nursery.start(supervise, "consumer", consumer.run)
+            await nursery.start(supervise, "scheduler", lambda: run_scheduler(res))
+            await nursery.start(supervise, "reconciler", lambda: run_reconciler(res))
+            await nursery.start(
+                supervise, "routing-reload", lambda: run_directory_reload(res, holder, pool)
+            )
+            health_bound = None
+            if cfg.health.listen:
+                health_bound = await nursery.start(
+                    run_health, HostPort.parse(cfg.health.listen), health
+                )
+            health.listening = True
+            task_status.started(Running(smtp=ingress.bound, health=health_bound))
+            logger.info("smtpproxy ready")
+
+            await stop.wait()
+            logger.info("shutting down: draining for up to {:.0f} s", cfg.delivery.shutdown_grace)
+            health.draining = True
+            ingress.begin_drain()
+            consumer.stopping = True
+            with trio.move_on_after(cfg.delivery.shutdown_grace) as scope:
+                await ingress.wait_data_done()
+                await consumer.wait_idle()
+            if scope.cancelled_caught:
+                logger.warning("grace period over: in-flight deliveries are left to be reclaimed")
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await pool.aclose()
+            await trio.to_thread.run_sync(res.close)
+    logger.info("smtpproxy stopped")
+
+
+async def run_until_signalled(cfg: Config) -> None:
+    """The main of `smtpproxy run`: serve until SIGTERM or SIGINT."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    logger.info("received {}", signal.Signals(signum).name)
+                    stop.set()
+                    return
+
+        nursery.start_soon(on_signals)
+        await serve(cfg, stop)
+        nursery.cancel_scope.cancel()
