@@ -1,0 +1,3 @@
+from smtpproxy.cli.main import main
+
+main()

@@ -1,0 +1,133 @@
+"""What every CLI command shares: the loaded config, database access, reading secrets
+from stdin, and printing results as a rich table or as JSON."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from smtpproxy import embedded
+from smtpproxy.config import EMBEDDED, Config, load_config
+from smtpproxy.db import migrate
+from smtpproxy.db.pool import connect
+from smtpproxy.errors import UsageError
+
+console = Console()
+err_console = Console(stderr=True)
+
+JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table (for scripts).")
+
+
+def config(ctx: typer.Context) -> Config:
+    """The configuration, loaded once per invocation from the global --config option."""
+    root = ctx.find_root()
+    obj = root.obj if isinstance(root.obj, dict) else {}
+    if "config" not in obj:
+        obj["config"] = load_config(obj.get("config_path"))
+        root.obj = obj
+    cfg: Config = obj["config"]
+    return cfg
+
+
+@contextmanager
+def database(ctx: typer.Context) -> Iterator[psycopg.Connection[Any]]:
+    """A connection for one command: committed when the command succeeds, rolled back
+    when it fails, so nothing is ever half-written."""
+    cfg = config(ctx)
+    url = embedded.database_url(cfg)
+    pending = migrate.pending(url)
+    if pending:
+        if cfg.database.url != EMBEDDED:
+            raise UsageError(
+                f"the database schema is {len(pending)} migration(s) behind: "
+                "run `smtpproxy db migrate` first"
+            )
+        migrate.migrate(url)
+    conn = connect(url)
+    try:
+        yield conn
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.close()
+
+
+def read_secret(prompt: str) -> str:
+    """One secret from stdin: prompted without echo on a terminal, else the first line."""
+    if sys.stdin.isatty():
+        value = getpass.getpass(f"{prompt}: ")
+    else:
+        value = sys.stdin.readline().rstrip("\r\n")
+    if not value:
+        raise UsageError(f"no {prompt.lower()} on standard input")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def emit_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool, title: str = "") -> None:
+    if as_json:
+        print(json.dumps([{c: _plain(r.get(c)) for c in columns} for r in rows], indent=2))
+        return
+    if not rows:
+        console.print(f"[dim]no {title or 'rows'}[/dim]")
+        return
+    table = Table(title=title or None, title_justify="left")
+    for c in columns:
+        table.add_column(c.replace("_", " "))
+    for r in rows:
+        table.add_row(*(_cell(r.get(c)) for c in columns))
+    console.print(table)
+
+
+def emit_object(obj: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_plain(obj), indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in obj.items():
+        table.add_row(k.replace("_", " "), _cell(v))
+    console.print(table)
+
+
+def done(message: str, as_json: bool = False, **data: Any) -> None:
+    if as_json:
+        print(json.dumps(_plain(data), indent=2))
+    else:
+        console.print(message)

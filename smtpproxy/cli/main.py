@@ -1,0 +1,67 @@
+"""The `smtpproxy` command: one Typer app, one module per command group.
+
+Commands are thin: they parse arguments, call into smtpproxy, and print. Every
+smtpproxy error becomes one line on stderr and an exit code: 0 ok, 1 failure,
+2 usage or configuration error. No traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from smtpproxy.cli import account, dbcmd, provider, route, runcmd, tenant
+from smtpproxy.cli.common import err_console
+from smtpproxy.errors import ConfigError, ListenError, SmtpProxyError
+
+app = typer.Typer(
+    name="smtpproxy",
+    help="An SMTP relay that delivers through SendGrid, Amazon SES, Mailgun, Microsoft Graph "
+    "and Postmark.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    config: str = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="Config file (default: $SMTPPROXY_CONFIG, ./smtpproxy.toml, "
+        "/etc/smtpproxy/smtpproxy.toml).",
+        metavar="PATH",
+    ),
+) -> None:
+    ctx.obj = {"config_path": config}
+
+
+runcmd.register(app)
+app.add_typer(dbcmd.app, name="db")
+app.add_typer(tenant.app, name="tenant")
+app.add_typer(account.app, name="account")
+app.add_typer(provider.app, name="provider")
+app.add_typer(route.app, name="route")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            err_console.print(f"config error: {line}", markup=False, highlight=False)
+        sys.exit(2)
+    except (SmtpProxyError, ListenError) as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
