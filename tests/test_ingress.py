@@ -1,0 +1,159 @@
+"""SMTP ingress through a running service: AUTH, envelope checks, durability, reply codes."""
+
+from __future__ import annotations
+
+import smtplib
+from typing import Any
+
+import psycopg
+import redis
+import trio
+
+from smtpproxy.config import Config
+from smtpproxy.store import key_for
+from tests.conftest import Service
+from tests.support import smtp
+
+run = trio.to_thread.run_sync
+
+
+async def test_accepted_message_is_durable_before_250(
+    service: Service, account: dict[str, Any], cfg: Config, pg_url: str, redis_url: str
+) -> None:
+    """A 250 means the body is in the store, the row is committed and the id is on the stream."""
+    data = smtp.message()
+    with trio.fail_after(20):
+        code, reply = await run(
+            lambda: smtp.send(service.smtp_port, "app", account["password"], data)
+        )
+    assert code == 250
+    mid = smtp.queued_id(reply)
+    body_path = cfg.storage_path / key_for(mid)
+    assert body_path.read_bytes() == data
+    assert oct(body_path.stat().st_mode & 0o777) == "0o640"
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute(
+            "SELECT mail_from, rcpt_to, subject, header_message_id, size, sha256 FROM messages WHERE id = %s",
+            (mid,),
+        ).fetchone()
+    assert row is not None
+    assert row[0] == "alice@example.com"
+    assert row[1] == ["bob@example.org"]
+    assert row[2] == "hello"
+    assert row[3] == "test-1@example.com"
+    assert row[4] == len(data)
+
+
+async def test_auth_login_and_plain_both_work(service: Service, account: dict[str, Any]) -> None:
+    """AUTH LOGIN (334 Username:/Password:) and AUTH PLAIN both authenticate."""
+    with trio.fail_after(20):
+        for mech in ("LOGIN", "PLAIN"):
+            code, _ = await run(
+                lambda m=mech: smtp.send(service.smtp_port, "app", account["password"], smtp.message(), mechanism=m)
+            )
+            assert code == 250
+
+
+async def test_auth_login_prompts(service: Service, account: dict[str, Any]) -> None:
+    """AUTH LOGIN prompts with base64 'Username:' and 'Password:'; '*' aborts with one reply."""
+
+    def talk() -> list[tuple[int, bytes]]:
+        with smtp.connect(service.smtp_port) as c:
+            first = c.docmd("AUTH", "LOGIN")
+            second = c.docmd("YXBw")  # "app"
+            aborted = c.docmd("*")
+            after = c.noop()
+            return [first, second, aborted, after]
+
+    with trio.fail_after(20):
+        first, second, aborted, after = await run(talk)
+    assert first == (334, b"VXNlcm5hbWU6")
+    assert second == (334, b"UGFzc3dvcmQ6")
+    assert aborted[0] == 501  # exactly one reply to the abort: the NOOP gets its own
+    assert after[0] == 250
+
+
+async def test_bad_credentials_get_535(service: Service, account: dict[str, Any]) -> None:
+    """A wrong password and an unknown user get the same 535 5.7.8."""
+
+    def attempt(user: str, password: str) -> tuple[int, bytes]:
+        with smtp.connect(service.smtp_port) as c:
+            try:
+                smtp.login(c, user, password)
+            except smtplib.SMTPAuthenticationError as exc:
+                return exc.smtp_code, exc.smtp_error
+            return 235, b""
+
+    with trio.fail_after(20):
+        wrong = await run(lambda: attempt("app", "nope"))
+        unknown = await run(lambda: attempt("nobody", "nope"))
+    assert wrong == unknown == (535, b"5.7.8 Authentication credentials invalid")
+
+
+async def test_auth_needs_tls_and_mail_needs_auth(service: Service, account: dict[str, Any]) -> None:
+    """Before STARTTLS, AUTH is neither offered nor accepted; MAIL before AUTH gets 530."""
+
+    def talk() -> tuple[bool, tuple[int, bytes], tuple[int, bytes]]:
+        with smtp.connect(service.smtp_port, starttls=False) as c:
+            offered = c.has_extn("auth")
+            auth = c.docmd("AUTH", "PLAIN AGFwcABub3Bl")
+            mail = c.mail("alice@example.com")
+            return offered, auth, mail
+
+    with trio.fail_after(20):
+        offered, auth, mail = await run(talk)
+    assert not offered
+    assert auth[0] == 538
+    assert mail[0] == 530
+
+
+async def test_sender_domain_must_be_allowed(service: Service, account: dict[str, Any]) -> None:
+    """A sender outside the account's allowed domains gets 550 5.7.1; <> is accepted."""
+
+    def talk() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        with smtp.connect(service.smtp_port) as c:
+            smtp.login(c, "app", account["password"])
+            bad = c.mail("eve@evil.example")
+            c.rset()
+            null = c.mail("<>")
+            return bad, null
+
+    with trio.fail_after(20):
+        bad, null = await run(talk)
+    assert bad[0] == 550 and bad[1].startswith(b"5.7.1")
+    assert null[0] == 250
+
+
+async def test_queue_unavailable_means_451_and_nothing_delivered(
+    tmp_path: Any, pg_url: str, key_prefix: str, clean: None, account: dict[str, Any], nursery: trio.Nursery
+) -> None:
+    """When Redis cannot take the id after the retries, the client gets 451 and the row
+    is enqueue_failed with its body removed."""
+    from smtpproxy.service import serve
+    from tests.conftest import make_config
+
+    cfg = make_config(
+        tmp_path,
+        pg_url,
+        "redis://127.0.0.1:1/0",  # nothing listens there
+        key_prefix,
+        smtp={"enqueue_retry_delays": ["10ms", "20ms", "30ms"]},
+        redis={"socket_timeout": "1s"},
+    )
+    stop = trio.Event()
+
+    async def start() -> Any:
+        return await nursery.start(serve, cfg, stop)
+
+    with trio.fail_after(30):
+        # the consumer cannot create its group either; serve must still come up
+        running = await start()
+        code, reply = await run(
+            lambda: smtp.send(running.smtp[0][1], "app", account["password"], smtp.message())
+        )
+    stop.set()
+    assert code == 451
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT status, storage_key FROM messages").fetchall()
+    assert [r[0] for r in rows] == ["enqueue_failed"]
+    assert not (cfg.storage_path / rows[0][1]).exists()
