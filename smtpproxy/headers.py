@@ -15,12 +15,14 @@ _WANTED = {b"subject", b"message-id", b"from", b"to", b"cc"}
 _MAX = 998
 
 
-def _header_block(raw: bytes) -> bytes:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        end = raw.find(sep)
-        if end != -1:
-            return raw[:end]
-    return raw[:65536]
+def _header_lines(raw: bytes) -> list[bytes]:
+    """The lines before the first empty line (the header block), at most 64 KiB of them."""
+    lines = []
+    for line in raw[:65536].splitlines():
+        if not line:
+            break
+        lines.append(line)
+    return lines
 
 
 def _clean(value: str) -> str:
@@ -38,7 +40,7 @@ def summarize(raw: bytes) -> HeaderSummary:
     """The first occurrence of each wanted header, unfolded and cleaned."""
     fields: dict[bytes, list[bytes]] = {}
     current: list[bytes] | None = None
-    for line in _header_block(raw).splitlines():
+    for line in _header_lines(raw):
         if line[:1] in (b" ", b"\t"):  # a folded continuation line
             if current is not None:
                 current.append(line)

@@ -10,7 +10,8 @@ bytes.find. It enforces, in one pass:
   closed without ever reading what follows as commands (Postfix smtpd_forbid_bare_newline);
 * the size limit, counted on the bytes as sent; beyond it the data is discarded while
   still looking for the end, so memory stays bounded;
-* the RFC 5321 4.5.3.1.6 line length limit (1000 octets with CRLF, plus a stuffed dot);
+* the RFC 5321 4.5.3.1.6 line length limit: 998 octets plus CRLF, measured after
+  removing a stuffed dot (stock aiosmtpd lets every line have one octet more);
 * dot-unstuffing (RFC 5321 4.5.2).
 
 Bytes a client pipelined after the end of data are returned for the caller to push back.
@@ -89,7 +90,10 @@ class DataReader:
 
     def _discard_over_limit(self) -> None:
         buf = self._buf
-        if not self._limit or len(buf) - 2 + self._dropped <= self._limit or len(buf) <= 8:
+        # up to 3 trailing bytes may be the start of the terminator (".", ".\r") rather
+        # than body, so only more than limit + 3 bytes prove the body too big
+        body_at_least = len(buf) - 2 + self._dropped - 3
+        if not self._limit or body_at_least <= self._limit or len(buf) <= 8:
             return
         # keep the tail: the terminator (or a bare newline pair) may straddle chunks
         cut = len(buf) - 4
@@ -109,10 +113,13 @@ class DataReader:
         del buf[:2]  # the virtual CRLF
         if self._limit and len(buf) > self._limit:
             return DataResult(Verdict.TOO_BIG, leftover=leftover)
-        if len(buf) > self._line_limit - 2 and (
-            max(map(len, buf.split(b"\r\n"))) + 2 > self._line_limit
-        ):
-            return DataResult(Verdict.LINE_TOO_LONG, leftover=leftover)
         if buf.startswith(b"."):
             del buf[0]
-        return DataResult(Verdict.OK, bytes(buf.replace(b"\r\n.", b"\r\n")), leftover)
+        content = bytes(buf.replace(b"\r\n.", b"\r\n"))
+        # lines are measured unstuffed: 998 octets + CRLF (the stuffed dot is transport)
+        longest_allowed = self._line_limit - 3
+        if len(content) > longest_allowed and (
+            max(map(len, content.split(b"\r\n"))) > longest_allowed
+        ):
+            return DataResult(Verdict.LINE_TOO_LONG, leftover=leftover)
+        return DataResult(Verdict.OK, content, leftover)

@@ -37,7 +37,8 @@ _DEFAULTS = {
 
 def with_enhanced_code(reply: str) -> str:
     """Insert the default enhanced code after a 2xx/4xx/5xx reply code that has none."""
-    if len(reply) < 4 or not reply[:3].isdigit() or reply[0] not in "245":
+    # 220 is the greeting (RFC 5321: the domain comes first) and STARTTLS's go-ahead
+    if len(reply) < 4 or not reply[:3].isdigit() or reply[0] not in "245" or reply[:3] == "220":
         return reply
     code, sep, text = reply[:3], reply[3], reply[4:]
     if sep not in " -" or _HAS_ENHANCED.match(text):
