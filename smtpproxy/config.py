@@ -18,7 +18,12 @@ from typing import Any, Literal, get_args, get_origin
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import (
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
 
 from smtpproxy.errors import ConfigError
 
@@ -167,12 +172,11 @@ class StorageConfig:
 
 @attrs.frozen
 class DeliveryConfig:
+    enabled: bool = True  # false: an ingress-only instance (others deliver)
     concurrency: int = 32
     max_attempts: int = 10
     max_age: Duration = Duration(2 * 86400)
-    retry_schedule: tuple[Duration, ...] = tuple(
-        Duration(s) for s in (30, 60, 120, 300, 900, 1800)
-    )
+    retry_schedule: tuple[Duration, ...] = tuple(Duration(s) for s in (30, 60, 120, 300, 900, 1800))
     default_route: str = ""
     visibility_timeout: Duration = Duration(300)
     scheduler_interval: Duration = Duration(1)
@@ -288,10 +292,35 @@ def _make_converter() -> cattrs.Converter:
             raise ConfigValueError("expected one of " + ", ".join(repr(a) for a in allowed))
         return value
 
-    conv.register_structure_hook_func(lambda t: get_origin(t) is Literal, literal)
+    def is_literal(tp: Any) -> bool:
+        return get_origin(tp) is Literal
+
+    conv.register_structure_hook_func(is_literal, literal)
 
     def any_table(value: object, _: type) -> object:
         return value
+
+    # a string is iterable: without this, "35" for a list of durations becomes (3, 5)
+    def is_homogeneous_tuple(tp: Any) -> bool:
+        args = get_args(tp)
+        return get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+    def strict_tuple(value: object, tp: Any) -> object:
+        if not isinstance(value, list | tuple):
+            raise ConfigValueError("expected a list")
+        item = get_args(tp)[0]
+        out, errors = [], []
+        for i, v in enumerate(value):
+            try:
+                out.append(conv.structure(v, item))
+            except Exception as exc:  # noqa: BLE001 - collected, re-raised with the index
+                exc.add_note(IterableValidationNote(f"Structuring {tp} @ index {i}", i, item))
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError(f"While structuring {tp}", errors, tp)
+        return tuple(out)
+
+    conv.register_structure_hook_func(is_homogeneous_tuple, strict_tuple)
 
     conv.register_structure_hook(Any, any_table)
     conv.register_unstructure_hook(HostPort, str)
@@ -324,7 +353,7 @@ def _note_path(exc: BaseException) -> str:
     for note in getattr(exc, "__notes__", ()):
         name = getattr(note, "name", None)
         if name is not None:
-            return "." + name
+            return f".{name}"
         index = getattr(note, "index", None)
         if index is not None:
             return f"[{index}]" if isinstance(index, int) else f".{index}"
@@ -344,21 +373,35 @@ def structure(raw: Mapping[str, Any], source: str = "") -> Config:
     return cfg
 
 
+def _positive_counts(cfg: Config) -> list[str]:
+    counts = {
+        "smtp.max_recipients": cfg.smtp.max_recipients,
+        "smtp.max_connections": cfg.smtp.max_connections,
+        "smtp.commit_batch_max": cfg.smtp.commit_batch_max,
+        "smtp.committers": cfg.smtp.committers,
+        "delivery.concurrency": cfg.delivery.concurrency,
+        "delivery.max_attempts": cfg.delivery.max_attempts,
+        "database.pool_max": cfg.database.pool_max,
+    }
+    return [f"{name}: expected a positive integer" for name, v in counts.items() if v < 1]
+
+
+def _provider_tables(cfg: Config) -> list[str]:
+    problems = [
+        f"providers.{name}.type: required (a provider type such as 'file')"
+        for name, table in cfg.providers.items()
+        if not isinstance(table, dict) or not isinstance(table.get("type"), str)
+    ]
+    route = cfg.delivery.default_route
+    if route and route not in cfg.providers:
+        problems.append(f"delivery.default_route: no provider named {route!r} under [providers]")
+    return problems
+
+
 def _check_semantics(cfg: Config) -> None:
-    problems = []
+    problems = _positive_counts(cfg) + _provider_tables(cfg)
     if not cfg.smtp.listen:
         problems.append("smtp.listen: at least one host:port is required")
-    for name, value in (
-        ("smtp.max_recipients", cfg.smtp.max_recipients),
-        ("smtp.max_connections", cfg.smtp.max_connections),
-        ("smtp.commit_batch_max", cfg.smtp.commit_batch_max),
-        ("smtp.committers", cfg.smtp.committers),
-        ("delivery.concurrency", cfg.delivery.concurrency),
-        ("delivery.max_attempts", cfg.delivery.max_attempts),
-        ("database.pool_max", cfg.database.pool_max),
-    ):
-        if value < 1:
-            problems.append(f"{name}: expected a positive integer")
     if cfg.database.pool_min > cfg.database.pool_max:
         problems.append("database.pool_min: must not exceed database.pool_max")
     if not cfg.delivery.retry_schedule:
@@ -372,14 +415,6 @@ def _check_semantics(cfg: Config) -> None:
             HostPort.parse(cfg.health.listen)
         except ConfigValueError as exc:
             problems.append(f"health.listen: {exc}")
-    for name, table in cfg.providers.items():
-        if not isinstance(table, dict) or not isinstance(table.get("type"), str):
-            problems.append(f"providers.{name}.type: required (a provider type such as 'file')")
-    if cfg.delivery.default_route and cfg.delivery.default_route not in cfg.providers:
-        problems.append(
-            f"delivery.default_route: no provider named {cfg.delivery.default_route!r} "
-            "under [providers]"
-        )
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -401,6 +436,7 @@ ENV_ALIASES = {
     "LOG_CW_GROUP": ("log", "cw_group"),
     "LOG_CW_STREAM": ("log", "cw_stream"),
 }
+
 
 def _sections() -> dict[str, type]:
     attrs.resolve_types(Config)
@@ -524,8 +560,14 @@ MASK = "********"
 
 def mask_url(url: str) -> str:
     """Hide the password in scheme://user:password@host URLs and password=... DSNs."""
-    url = re.sub(r"(?<=://)([^:/@]*):[^@/]*@", rf"\1:{MASK}@", url)
-    return re.sub(r"(password=)\S+", rf"\1{MASK}", url)
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        authority, slash, path = rest.partition("/")
+        userinfo, at, host = authority.rpartition("@")  # a password may contain "@"
+        if at and ":" in userinfo:
+            user = userinfo.split(":", 1)[0]
+            url = f"{scheme}://{user}:{MASK}@{host}{slash}{path}"
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", rf"\1{MASK}", url)
 
 
 def mask_secret(value: str) -> str:
@@ -554,7 +596,7 @@ def masked(cfg: Config) -> dict[str, Any]:
                 out[f.name] = _CONVERTER.unstructure(value)
         return out
 
-    data = walk(cfg)
+    data: dict[str, Any] = walk(cfg)
     data["providers"] = {
         name: {k: (MASK if _looks_secret(k) else v) for k, v in table.items()}
         for name, table in cfg.providers.items()
