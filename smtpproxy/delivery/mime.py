@@ -10,6 +10,7 @@ headers.
 from __future__ import annotations
 
 import email.policy
+from collections.abc import Iterator
 from email.message import EmailMessage
 from email.parser import BytesParser
 
@@ -98,13 +99,22 @@ def _text(part: EmailMessage) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+def _leaves(part: EmailMessage) -> Iterator[EmailMessage]:
+    """The leaf parts in order; an attached message/rfc822 is one leaf, not walked into
+    (its text is the forwarded mail's, not this message's body)."""
+    if part.get_content_type() == "message/rfc822" or not part.is_multipart():
+        yield part
+        return
+    for sub in part.iter_parts():
+        if isinstance(sub, EmailMessage):
+            yield from _leaves(sub)
+
+
 def _walk(msg: EmailMessage) -> tuple[str | None, str | None, list[Attachment]]:
     text: str | None = None
     html: str | None = None
     attachments: list[Attachment] = []
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
+    for part in _leaves(msg):
         ctype = part.get_content_type()
         disposition = (part.get_content_disposition() or "").lower()
         filename = part.get_filename() or ""
@@ -116,10 +126,7 @@ def _walk(msg: EmailMessage) -> tuple[str | None, str | None, list[Attachment]]:
             if ctype == "text/html" and html is None:
                 html = _text(part)
                 continue
-        if ctype == "message/rfc822" and not isinstance(part.get_payload(), bytes):
-            data = part.get_payload()[0].as_bytes() if part.get_payload() else b""
-        else:
-            data = _content(part)
+        data = _attached_message(part) if ctype == "message/rfc822" else _content(part)
         attachments.append(
             Attachment(
                 filename=filename or _default_name(len(attachments) + 1, ctype),
@@ -130,6 +137,14 @@ def _walk(msg: EmailMessage) -> tuple[str | None, str | None, list[Attachment]]:
             )
         )
     return text, html, attachments
+
+
+def _attached_message(part: EmailMessage) -> bytes:
+    """An attached message/rfc822 part as bytes (the parser holds it as a Message)."""
+    payload = part.get_payload()
+    if isinstance(payload, list) and payload and isinstance(payload[0], EmailMessage):
+        return payload[0].as_bytes()
+    return _content(part)
 
 
 def _default_name(n: int, ctype: str) -> str:

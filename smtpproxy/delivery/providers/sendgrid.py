@@ -60,10 +60,11 @@ class RequestError(ValueError):
     """The message cannot be expressed as a SendGrid request (a permanent failure)."""
 
 
-def _addr(a: mime.Address) -> dict[str, str]:
+def _addr(a: mime.Address, *, recipient: bool = False) -> dict[str, str]:
     out = {"email": a.email}
-    # SendGrid rejects ';' and ',' in recipient names
-    name = " ".join(a.name.replace(";", " ").replace(",", " ").split())
+    name = a.name
+    if recipient:  # SendGrid rejects ';' and ',' in to/cc/bcc names
+        name = " ".join(name.replace(";", " ").replace(",", " ").split())
     if name:
         out["name"] = name
     return out
@@ -81,7 +82,7 @@ def _personalizations(
             key = a.email.lower()
             if key in envelope and key not in used:
                 used.add(key)
-                out.append(_addr(a))
+                out.append(_addr(a, recipient=True))
         return out
 
     to = take(parsed.to)
@@ -99,22 +100,22 @@ def _personalizations(
 
 def _headers(parsed: mime.ParsedMessage) -> dict[str, str]:
     out: dict[str, str] = {}
+    seen: set[str] = set()
     for name, value in parsed.headers:
-        if name.lower() in RESERVED_HEADERS or not name.isascii() or " " in name:
-            continue
-        if name not in out:  # SendGrid refuses duplicate keys; keep the first, as MUAs show
-            out[name] = value
+        key = name.lower()
+        if key in RESERVED_HEADERS or not name.isascii() or " " in name or key in seen:
+            continue  # SendGrid refuses duplicate keys (in any case); keep the first
+        seen.add(key)
+        out[name] = value
     return out
 
 
 def build_request(delivery: Delivery) -> dict[str, Any]:
     """The JSON body for one delivery. Raises RequestError when SendGrid cannot take it."""
     parsed = mime.parse(delivery.body)
-    if len(set(r.lower() for r in delivery.recipients)) > MAX_RECIPIENTS:
+    if len({r.lower() for r in delivery.recipients}) > MAX_RECIPIENTS:
         raise RequestError(f"more than {MAX_RECIPIENTS} recipients in one request")
-    sender = parsed.from_ or (
-        mime.Address(delivery.mail_from) if delivery.mail_from else None
-    )
+    sender = parsed.from_ or (mime.Address(delivery.mail_from) if delivery.mail_from else None)
     if sender is None:
         raise RequestError("the message has no From address")
     if not sender.email.isascii():
@@ -124,11 +125,11 @@ def build_request(delivery: Delivery) -> dict[str, Any]:
         "from": _addr(sender),
         "subject": parsed.subject or NO_SUBJECT,
     }
-    if parsed.reply_to:
-        if len(parsed.reply_to) == 1:
-            body["reply_to"] = _addr(parsed.reply_to[0])
-        else:
-            body["reply_to_list"] = [_addr(a) for a in parsed.reply_to]
+    reply_to = list({a.email.lower(): a for a in reversed(parsed.reply_to)}.values())[::-1]
+    if len(reply_to) == 1:
+        body["reply_to"] = _addr(reply_to[0])
+    elif reply_to:  # SendGrid wants each address once
+        body["reply_to_list"] = [_addr(a) for a in reply_to]
     content = []
     if parsed.text:
         content.append({"type": "text/plain", "value": parsed.text})
@@ -171,7 +172,7 @@ def _error_detail(text: str) -> str:
 
 def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
     """202 is delivered (X-Message-Id); 429 waits for X-RateLimit-Reset or Retry-After."""
-    if status == 202 or status == 200:
+    if status in {200, 202}:
         return Outcome.delivered(headers.get("x-message-id"), detail=f"HTTP {status}")
     outcome = http.classify_status(status, headers, _error_detail(text))
     if status == 429 and outcome.retry_after is None:
@@ -227,7 +228,7 @@ TYPE = ProviderType(
         "timeout": SettingInfo("request timeout in seconds (default 30)"),
         "max_connections": SettingInfo("connection pool size (default 20)"),
     },
-    secret="API key",
+    secret="API key",  # noqa: S106 - names what the secret is, not a secret
     secret_required=True,
     default_endpoint=ENDPOINTS["global"],
     max_recipients=MAX_RECIPIENTS,
