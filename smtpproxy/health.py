@@ -54,14 +54,19 @@ class HealthState:
                 nursery.start_soon(run, name, check)
         failing = sorted(k for k, v in results.items() if v != "ok")
         status = 503 if failing else 200
-        body: dict[str, object] = {"status": "ready" if not failing else "not ready", "checks": results}
+        body: dict[str, object] = {
+            "status": "ready" if not failing else "not ready",
+            "checks": results,
+        }
         if failing:
             body["failing"] = failing
         self._cache = (now, status, body)
         return status, body
 
 
-async def _respond(stream: trio.abc.Stream, conn: h11.Connection, status: int, body: dict[str, object]) -> None:
+async def _respond(
+    stream: trio.abc.Stream, conn: h11.Connection, status: int, body: dict[str, object]
+) -> None:
     data = json.dumps(body).encode() + b"\n"
     headers = [
         ("Content-Type", "application/json"),
@@ -78,7 +83,7 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Re
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await stream.receive_some(MAX_REQUEST)
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
             if not data:
                 return None
             continue
@@ -118,4 +123,8 @@ async def run_health(
     bound = sock.getsockname()[:2]
     logger.info("health endpoint on http://{}:{}/readyz", bound[0], bound[1])
     task_status.started((bound[0], bound[1]))
-    await trio.serve_listeners(lambda s: _serve_one(s, state), listeners)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _serve_one(stream, state)
+
+    await trio.serve_listeners(handler, listeners)

@@ -28,7 +28,9 @@ def _json_line(record: Any) -> str:
     for key, value in record["extra"].items():
         if key.startswith("_"):
             continue
-        out[key] = value if isinstance(value, str | int | float | bool | None | list) else str(value)
+        out[key] = (
+            value if isinstance(value, str | int | float | bool | None | list) else str(value)
+        )
     if record["exception"] is not None:
         exc = record["exception"]
         out["error"] = f"{exc.type.__name__}: {exc.value}" if exc.type else ""

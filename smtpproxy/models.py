@@ -55,9 +55,7 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
             Status.SPLIT,
         }
     ),
-    Status.RETRYING: frozenset(
-        {Status.SENDING, Status.QUEUED, Status.DLQ, Status.STORAGE_ERROR}
-    ),
+    Status.RETRYING: frozenset({Status.SENDING, Status.QUEUED, Status.DLQ, Status.STORAGE_ERROR}),
     # an operator may replay the dead letters
     Status.DLQ: frozenset({Status.QUEUED}),
     Status.FAILED: frozenset({Status.QUEUED}),

@@ -4,13 +4,13 @@ the message store, the secret box, and the thread slots each blocking library us
 from __future__ import annotations
 
 import attrs
-import redis
+from redis import Redis
 
 from smtpproxy import embedded
 from smtpproxy.config import Config
 from smtpproxy.crypto import SecretBox
 from smtpproxy.db.pool import Database
-from smtpproxy.queue import streams
+from smtpproxy.queue.streams import Streams, connect
 from smtpproxy.store import MessageStore, open_store
 from smtpproxy.threads import Offload
 
@@ -19,17 +19,17 @@ from smtpproxy.threads import Offload
 class Resources:
     cfg: Config
     db: Database
-    redis: redis.Redis
-    blocking_redis: redis.Redis  # for XREADGROUP BLOCK: its own pool and a longer timeout
-    streams: streams.Streams
+    redis: Redis
+    blocking_redis: Redis  # for XREADGROUP BLOCK: its own pool and a longer timeout
+    streams: Streams
     redis_offload: Offload
     store: MessageStore
     store_offload: Offload
     box: SecretBox
     cpu_offload: Offload  # password hashing
 
-    def consumer_streams(self) -> streams.Streams:
-        return streams.Streams(self.blocking_redis, self.cfg.redis.key_prefix)
+    def consumer_streams(self) -> Streams:
+        return Streams(self.blocking_redis, self.cfg.redis.key_prefix)
 
     def close(self) -> None:
         self.db.close()
@@ -47,14 +47,14 @@ def open_resources(cfg: Config, *, application_name: str = "smtpproxy") -> Resou
     )
     db.open()
     rurl = embedded.redis_url(cfg)
-    client = streams.connect(rurl, socket_timeout=cfg.redis.socket_timeout)
-    blocking = streams.connect(rurl, socket_timeout=cfg.redis.socket_timeout + 5)
+    client = connect(rurl, socket_timeout=cfg.redis.socket_timeout)
+    blocking = connect(rurl, socket_timeout=cfg.redis.socket_timeout + 5)
     return Resources(
         cfg=cfg,
         db=db,
         redis=client,
         blocking_redis=blocking,
-        streams=streams.Streams(client, cfg.redis.key_prefix),
+        streams=Streams(client, cfg.redis.key_prefix),
         redis_offload=Offload("redis", 16),
         store=open_store(cfg),
         store_offload=Offload("store", 32),

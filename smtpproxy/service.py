@@ -80,7 +80,9 @@ def banner(cfg: Config) -> None:
             cfg.data_dir,
         )
     if cfg.delivery.default_route:
-        logger.info("messages no routing rule matches go to provider {!r}", cfg.delivery.default_route)
+        logger.info(
+            "messages no routing rule matches go to provider {!r}", cfg.delivery.default_route
+        )
 
 
 async def serve(
@@ -94,19 +96,20 @@ async def serve(
     pool = directory.ProviderPool()
     try:
         await _wait_for_database(res)
-        holder = DirectoryHolder(
-            await res.db.run(lambda conn: directory.load(conn, cfg, res.box))
-        )
+        holder = DirectoryHolder(await res.db.run(lambda conn: directory.load(conn, cfg, res.box)))
         health = HealthState(checks=_health_checks(res))  # type: ignore[arg-type]
         consumer = Consumer(res, holder, pool, name=consumer_name(0), policy=retry_policy(cfg))
         async with trio.open_nursery() as nursery:
             ingress = await nursery.start(run_ingress, res)
-            await nursery.start(supervise, "consumer", consumer.run)
-            await nursery.start(supervise, "scheduler", lambda: run_scheduler(res))
-            await nursery.start(supervise, "reconciler", lambda: run_reconciler(res))
-            await nursery.start(
-                supervise, "routing-reload", lambda: run_directory_reload(res, holder, pool)
-            )
+            if cfg.delivery.enabled:
+                await nursery.start(supervise, "consumer", consumer.run)
+                await nursery.start(supervise, "scheduler", lambda: run_scheduler(res))
+                await nursery.start(supervise, "reconciler", lambda: run_reconciler(res))
+                await nursery.start(
+                    supervise, "routing-reload", lambda: run_directory_reload(res, holder, pool)
+                )
+            else:
+                logger.info("delivery.enabled = false: this instance only accepts mail")
             health_bound = None
             if cfg.health.listen:
                 health_bound = await nursery.start(

@@ -9,7 +9,7 @@ tolerate the work happening anyway (the checker reconciles orphans).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar, TypeVarTuple, Unpack
+from typing import TypeVar, TypeVarTuple
 
 import trio
 
@@ -24,5 +24,5 @@ class Offload:
         self.name = name
         self.limiter = trio.CapacityLimiter(limit)
 
-    async def __call__(self, fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts]) -> T:
+    async def __call__(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)

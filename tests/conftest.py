@@ -105,7 +105,9 @@ def clean(pg_url: str, redis_url: str, key_prefix: str) -> Iterator[None]:
     yield
 
 
-def make_config(tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, **sections: Any) -> Config:
+def make_config(
+    tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, **sections: Any
+) -> Config:
     raw: dict[str, Any] = {
         "data_dir": str(tmp_path / "data"),
         "smtp": {"listen": ["127.0.0.1:0"], "hostname": "smtpproxy.test"},

@@ -6,7 +6,6 @@ import smtplib
 from typing import Any
 
 import psycopg
-import redis
 import trio
 
 from smtpproxy.config import Config
@@ -33,7 +32,8 @@ async def test_accepted_message_is_durable_before_250(
     assert oct(body_path.stat().st_mode & 0o777) == "0o640"
     with psycopg.connect(pg_url) as conn:
         row = conn.execute(
-            "SELECT mail_from, rcpt_to, subject, header_message_id, size, sha256 FROM messages WHERE id = %s",
+            "SELECT mail_from, rcpt_to, subject, header_message_id, size, sha256"
+            " FROM messages WHERE id = %s",
             (mid,),
         ).fetchone()
     assert row is not None
@@ -49,7 +49,9 @@ async def test_auth_login_and_plain_both_work(service: Service, account: dict[st
     with trio.fail_after(20):
         for mech in ("LOGIN", "PLAIN"):
             code, _ = await run(
-                lambda m=mech: smtp.send(service.smtp_port, "app", account["password"], smtp.message(), mechanism=m)
+                lambda m=mech: smtp.send(
+                    service.smtp_port, "app", account["password"], smtp.message(), mechanism=m
+                )
             )
             assert code == 250
 
@@ -90,7 +92,9 @@ async def test_bad_credentials_get_535(service: Service, account: dict[str, Any]
     assert wrong == unknown == (535, b"5.7.8 Authentication credentials invalid")
 
 
-async def test_auth_needs_tls_and_mail_needs_auth(service: Service, account: dict[str, Any]) -> None:
+async def test_auth_needs_tls_and_mail_needs_auth(
+    service: Service, account: dict[str, Any]
+) -> None:
     """Before STARTTLS, AUTH is neither offered nor accepted; MAIL before AUTH gets 530."""
 
     def talk() -> tuple[bool, tuple[int, bytes], tuple[int, bytes]]:
@@ -125,7 +129,12 @@ async def test_sender_domain_must_be_allowed(service: Service, account: dict[str
 
 
 async def test_queue_unavailable_means_451_and_nothing_delivered(
-    tmp_path: Any, pg_url: str, key_prefix: str, clean: None, account: dict[str, Any], nursery: trio.Nursery
+    tmp_path: Any,
+    pg_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    nursery: trio.Nursery,
 ) -> None:
     """When Redis cannot take the id after the retries, the client gets 451 and the row
     is enqueue_failed with its body removed."""
@@ -148,7 +157,7 @@ async def test_queue_unavailable_means_451_and_nothing_delivered(
     with trio.fail_after(30):
         # the consumer cannot create its group either; serve must still come up
         running = await start()
-        code, reply = await run(
+        code, _ = await run(
             lambda: smtp.send(running.smtp[0][1], "app", account["password"], smtp.message())
         )
     stop.set()

@@ -17,7 +17,9 @@ def add(
     username: str = typer.Argument(..., help="SMTP login name."),
     tenant: str = typer.Option(..., "--tenant", "-t", help="Tenant the account belongs to."),
     allow_domain: list[str] = typer.Option(
-        [], "--allow-domain", help="Sender domain this account may use (repeat; *.example.com works)."
+        [],
+        "--allow-domain",
+        help="Sender domain this account may use (repeat; *.example.com works).",
     ),
     password_stdin: bool = typer.Option(
         False, "--password-stdin", help="Read the password from standard input."
@@ -46,7 +48,9 @@ def add(
         return
     console.print(f"account {username} created (id {aid}) in tenant {tenant}")
     if generated:
-        console.print(f"password: [bold]{password}[/bold]  (shown once; store it now)", highlight=False)
+        console.print(
+            f"password: [bold]{password}[/bold]  (shown once; store it now)", highlight=False
+        )
 
 
 @app.command("list")

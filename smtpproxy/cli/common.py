@@ -99,7 +99,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def emit_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool, title: str = "") -> None:
+def emit_rows(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool, title: str = ""
+) -> None:
     if as_json:
         print(json.dumps([{c: _plain(r.get(c)) for c in columns} for r in rows], indent=2))
         return

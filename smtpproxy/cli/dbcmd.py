@@ -21,7 +21,9 @@ def migrate(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     applied = mig.migrate(embedded.database_url(config(ctx)))
     names = [f"{m.version:03d}_{m.name}" for m in applied]
     done(
-        f"applied {len(names)} migration(s): {', '.join(names)}" if names else "schema is up to date",
+        f"applied {len(names)} migration(s): {', '.join(names)}"
+        if names
+        else "schema is up to date",
         as_json,
         applied=names,
     )

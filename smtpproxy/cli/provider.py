@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from smtpproxy.cli.common import JsonOption, config, database, done, emit_object, emit_rows, read_secret
+from smtpproxy.cli.common import (
+    JsonOption,
+    config,
+    database,
+    done,
+    emit_object,
+    emit_rows,
+    read_secret,
+)
 
 app = typer.Typer(help="Email providers a tenant delivers through.", no_args_is_help=True)
 
@@ -26,7 +34,8 @@ def add(
 ) -> None:
     """Add a provider. Its secret (API key) is read from stdin and stored encrypted.
 
-    Example: [bold]smtpproxy provider add sg --tenant acme --type sendgrid --secret-stdin < key.txt[/bold]
+    Example:
+    [bold]smtpproxy provider add sg -t acme --type sendgrid --secret-stdin < key.txt[/bold]
     """
     from smtpproxy import admin
     from smtpproxy.crypto import SecretBox
@@ -44,7 +53,9 @@ def add(
             secret=secret,
             encrypt=box.encrypt,
         )
-    done(f"provider {name} ({ptype}) added to tenant {tenant} (id {pid})", as_json, id=pid, name=name)
+    done(
+        f"provider {name} ({ptype}) added to tenant {tenant} (id {pid})", as_json, id=pid, name=name
+    )
 
 
 @app.command("list")

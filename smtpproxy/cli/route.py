@@ -9,8 +9,15 @@ from smtpproxy.cli.common import JsonOption, database, done, emit_rows
 app = typer.Typer(help="Routing rules: which provider carries which mail.", no_args_is_help=True)
 
 COLUMNS = [
-    "id", "tenant", "priority", "sender_domain", "recipient_domain", "account", "provider",
-    "fallbacks", "enabled",
+    "id",
+    "tenant",
+    "priority",
+    "sender_domain",
+    "recipient_domain",
+    "account",
+    "provider",
+    "fallbacks",
+    "enabled",
 ]
 
 
@@ -18,17 +25,26 @@ COLUMNS = [
 def add(
     ctx: typer.Context,
     tenant: str = typer.Option(..., "--tenant", "-t"),
-    provider: str = typer.Option(..., "--provider", "-p", help="Provider that carries matching mail."),
-    priority: int = typer.Option(None, "--priority", help="Lower runs first (default: after the last rule)."),
+    provider: str = typer.Option(
+        ..., "--provider", "-p", help="Provider that carries matching mail."
+    ),
+    priority: int = typer.Option(
+        None, "--priority", help="Lower runs first (default: after the last rule)."
+    ),
     sender_domain: str = typer.Option(None, "--sender-domain", help="Glob, e.g. *.example.com."),
-    recipient_domain: str = typer.Option(None, "--recipient-domain", help="Glob, e.g. example.org."),
+    recipient_domain: str = typer.Option(
+        None, "--recipient-domain", help="Glob, e.g. example.org."
+    ),
     account: str = typer.Option(None, "--account", help="Only mail from this account."),
-    fallback: list[str] = typer.Option([], "--fallback", help="Provider to try when the first fails (repeat)."),
+    fallback: list[str] = typer.Option(
+        [], "--fallback", help="Provider to try when the first fails (repeat)."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Add a routing rule. A rule without conditions catches everything.
 
-    Example: [bold]smtpproxy route add --tenant acme --provider sg --recipient-domain '*.example.com'[/bold]
+    Example:
+    [bold]smtpproxy route add -t acme -p sg --recipient-domain '*.example.com'[/bold]
     """
     from smtpproxy import admin
 

@@ -6,7 +6,9 @@ import typer
 
 from smtpproxy.cli.common import JsonOption, database, done, emit_object, emit_rows
 
-app = typer.Typer(help="Tenants: the customers that own accounts, providers and routes.", no_args_is_help=True)
+app = typer.Typer(
+    help="Tenants: the customers that own accounts, providers and routes.", no_args_is_help=True
+)
 
 
 @app.command()
@@ -55,6 +57,7 @@ def show(ctx: typer.Context, name: str, as_json: bool = JsonOption) -> None:
         t["accounts"] = [a["username"] for a in admin.list_accounts(conn, name)]
         t["providers"] = [p["name"] for p in admin.list_providers(conn, name)]
         t["routes"] = [
-            f"#{r['id']} prio {r['priority']} -> {r['provider']}" for r in admin.list_routes(conn, name)
+            f"#{r['id']} prio {r['priority']} -> {r['provider']}"
+            for r in admin.list_routes(conn, name)
         ]
     emit_object(t, as_json)

@@ -98,4 +98,3 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[o
     """A single connection for the CLI, with errors mapped."""
     with mapped_errors():
         return psycopg.connect(url, autocommit=autocommit, connect_timeout=5)
-

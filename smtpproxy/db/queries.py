@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from importlib import resources
-from typing import LiteralString, cast
+from typing import LiteralString
 
 _NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
@@ -40,7 +40,7 @@ class _Queries:
     def __getattr__(self, name: str) -> LiteralString:
         try:
             # the text comes from our own package files, never from input
-            return cast(LiteralString, self._stmts[name])
+            return self._stmts[name]
         except KeyError:
             raise AttributeError(f"no SQL statement named {name!r}") from None
 

@@ -59,4 +59,3 @@ def decide(outcome: Outcome, attempts: int, age: float, policy: RetryPolicy) -> 
             Status.DLQ, reason=f"gave up after {attempts} attempts (too old): {outcome.detail}"
         )
     return Decision(Status.RETRYING, delay=delay, reason=outcome.detail)
-

@@ -34,9 +34,7 @@ class Rule:
             return False
         if self.account_id is not None and self.account_id != account_id:
             return False
-        if self.sender_domain is not None and not domain_matches(
-            self.sender_domain, sender_domain
-        ):
+        if self.sender_domain is not None and not domain_matches(self.sender_domain, sender_domain):
             return False
         return self.recipient_domain is None or domain_matches(
             self.recipient_domain, recipient_domain

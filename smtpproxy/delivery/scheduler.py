@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import trio
@@ -27,7 +28,11 @@ BATCH = 500
 
 
 def _fields(row: dict[str, Any]) -> dict[str, str]:
-    return {"id": row["id"], "tenant_id": str(row["tenant_id"]), "account_id": str(row["account_id"])}
+    return {
+        "id": row["id"],
+        "tenant_id": str(row["tenant_id"]),
+        "account_id": str(row["account_id"]),
+    }
 
 
 def enqueue_due_retries(res: Resources, limit: int = BATCH) -> int:
@@ -43,26 +48,35 @@ def enqueue_due_retries(res: Resources, limit: int = BATCH) -> int:
     return res.db.call(work)
 
 
+def _touch(conn: Any, ids: list[str]) -> None:
+    conn.execute(Q.touch_queued, (ids,))
+
+
 def reconcile(res: Resources, grace: float, visibility: float) -> int:
     """Blocking: re-enqueue live rows missing from the stream; returns how many."""
     on_stream = set(res.streams.queued_message_ids())
 
     def stale(conn: Any) -> list[dict[str, Any]]:
         with conn.cursor(row_factory=dict_row) as cur:
-            return cur.execute(Q.stale_queued, {"grace": grace, "visibility": visibility}).fetchall()
+            rows: list[dict[str, Any]] = cur.execute(
+                Q.stale_queued, {"grace": grace, "visibility": visibility}
+            ).fetchall()
+        return rows
 
     missing = [r for r in res.db.call(stale) if r["id"] not in on_stream]
     for start in range(0, len(missing), BATCH):
         chunk = missing[start : start + BATCH]
         ids = [r["id"] for r in chunk]
-        res.db.call(lambda conn, ids=ids: conn.execute(Q.touch_queued, (ids,)))
+        res.db.call(partial(_touch, ids=ids))
         res.streams.add_many([_fields(r) for r in chunk])
         for mid in ids:
             logger.bind(message_id=mid).warning("re-enqueued: it was not on the stream")
     return len(missing)
 
 
-async def run_scheduler(res: Resources, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_scheduler(
+    res: Resources, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     interval = res.cfg.delivery.scheduler_interval
     task_status.started()
     while True:
@@ -108,9 +122,7 @@ async def run_directory_reload(
     while True:
         await trio.sleep(interval)
         try:
-            holder.snapshot = await res.db.run(
-                lambda conn: directory.load(conn, res.cfg, res.box)
-            )
+            holder.snapshot = await res.db.run(lambda conn: directory.load(conn, res.cfg, res.box))
         except DatabaseUnavailable as exc:
             logger.warning("routing reload: {}", exc)
         await pool.aclose_retired()

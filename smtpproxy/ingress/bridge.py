@@ -11,6 +11,7 @@ Nothing here knows about SMTP: a job is a payload and an asyncio future.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,10 +87,8 @@ def resolve(
     if not pairs:
         return
     items = [(job, value, failed) for job, value in pairs]
-    try:
+    with contextlib.suppress(RuntimeError):  # the ingress loop closed: its sessions are gone
         loop.call_soon_threadsafe(_set_results, items)
-    except RuntimeError:
-        pass  # the ingress loop is closed: its sessions are gone
 
 
 def channel_sink(send: trio.MemorySendChannel[Job]) -> Callable[[list[Job]], None]:
@@ -105,7 +104,9 @@ def channel_sink(send: trio.MemorySendChannel[Job]) -> Callable[[list[Job]], Non
     return sink
 
 
-def call_sink(nursery: trio.Nursery, loop: asyncio.AbstractEventLoop) -> Callable[[list[Job]], None]:
+def call_sink(
+    nursery: trio.Nursery, loop: asyncio.AbstractEventLoop
+) -> Callable[[list[Job]], None]:
     """A sink that runs each job's payload, (async_fn, args), as a task in nursery."""
 
     def sink(jobs: list[Job]) -> None:

@@ -135,7 +135,9 @@ class Committer:
         ids = [s.message_id for s in subs]
         params = {"ids": ids, "reason": "could not enqueue: Redis unavailable"}
         try:
-            rows = await res.db.run(lambda conn: conn.execute(Q.mark_enqueue_failed, params).fetchall())
+            rows = await res.db.run(
+                lambda conn: conn.execute(Q.mark_enqueue_failed, params).fetchall()
+            )
         except (DatabaseUnavailable, psycopg.Error) as exc:
             # we cannot record the refusal: the reconciler may still deliver these rows,
             # and a client retry is then caught as a duplicate submission
@@ -147,7 +149,9 @@ class Committer:
             if s.message_id in failed:
                 logger.bind(message_id=s.message_id).error("enqueue failed; answered 451")
         return [
-            replies.TEMPFAIL_QUEUE if s.message_id in failed else replies.QUEUED.format(id=s.message_id)
+            replies.TEMPFAIL_QUEUE
+            if s.message_id in failed
+            else replies.QUEUED.format(id=s.message_id)
             for s in subs
         ]
 

@@ -53,12 +53,12 @@ class IngressHandler:
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
         account: AccountIdentity = session.account
-        if address and account.allowed_domains:
-            if not any_matches(account.allowed_domains, domain_of(address)):
-                logger.bind(account=account.username, client_ip=peer_ip(session)).info(
-                    "sender {} refused: not an allowed domain", address
-                )
-                return replies.SENDER_DENIED
+        allowed = account.allowed_domains
+        if address and allowed and not any_matches(allowed, domain_of(address)):
+            logger.bind(account=account.username, client_ip=peer_ip(session)).info(
+                "sender {} refused: not an allowed domain", address
+            )
+            return replies.SENDER_DENIED
         return replies.SENDER_OK
 
     async def handle_RCPT(

@@ -25,12 +25,13 @@ import asyncio
 import collections
 import re
 from base64 import b64decode
-from typing import Any
+from typing import Any, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from smtpproxy.ingress import replies
 from smtpproxy.ingress.dataread import DataReader, Verdict
+from smtpproxy.models import AccountIdentity
 
 _FAST_ADDR = re.compile(
     r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
@@ -52,7 +53,13 @@ class Gate:
         self.protocols: set[RelaySMTP] = set()  # live sessions, closed at shutdown
 
 
-class RelaySMTP(SMTP):  # type: ignore[misc]
+class RelaySession(Session):
+    """aiosmtpd's session plus the account that authenticated on it."""
+
+    account: AccountIdentity | None = None
+
+
+class RelaySMTP(SMTP):
     AuthLoginUsernameChallenge = "Username:"
     AuthLoginPasswordChallenge = "Password:"
 
@@ -76,6 +83,19 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         self.command_size_limits = collections.defaultdict(
             lambda: self.command_size_limit, {"MAIL": 1024, "RCPT": 1024}
         )
+
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop)
+
+    # typed views of aiosmtpd's Optional state, set before any command runs; no asserts:
+    # aiosmtpd's __init__ reads every attribute (inspect.getmembers) before they exist
+    @property
+    def sess(self) -> RelaySession:
+        return cast(RelaySession, self.session)
+
+    @property
+    def env(self) -> Envelope:
+        return cast(Envelope, self.envelope)
 
     # -- session accounting --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,8 +124,9 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
     # -- replies -------------------------------------------------------------------
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            status = replies.with_enhanced_code(status)
-        await super().push(status)
+            await super().push(replies.with_enhanced_code(status))
+        else:
+            await super().push(status)
 
     async def _push_raw(self, line: str) -> None:
         await super().push(line)
@@ -129,8 +150,8 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
             await self.push("501 Syntax: HELO hostname")
             return
         self._set_rset_state()
-        self.session.extended_smtp = False
-        self.session.host_name = hostname
+        self.sess.extended_smtp = False
+        self.sess.host_name = hostname
         await self._push_raw(f"250 {self.hostname}")
 
     @syntax("EHLO hostname")
@@ -139,8 +160,8 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
             await self.push("501 Syntax: EHLO hostname")
             return
         self._set_rset_state()
-        self.session.extended_smtp = True
-        self.session.host_name = hostname
+        self.sess.extended_smtp = True
+        self.sess.host_name = hostname
         lines = [self.hostname, "PIPELINING"]
         if self.data_size_limit:
             lines.append(f"SIZE {self.data_size_limit}")
@@ -162,13 +183,13 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
     async def smtp_AUTH(self, arg: str) -> None:
         if await self.check_helo_needed("EHLO"):
             return
-        if not self.session.extended_smtp:
+        if not self.sess.extended_smtp:
             await self.push("500 5.5.1 Error: command 'AUTH' not recognized")
             return
         if not self._auth_allowed_now():
             await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
             return
-        if self.session.authenticated:
+        if self.sess.authenticated:
             await self.push("503 5.5.1 Already authenticated")
             return
         args = arg.split() if arg else []
@@ -191,8 +212,8 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         elif result is None:
             await self.push(replies.AUTH_INVALID)
         else:
-            self.session.authenticated = True
-            self.session.account = result
+            self.sess.authenticated = True
+            self.sess.account = result
             await self.push("235 2.7.0 Authentication successful")
 
     async def _decode_b64(self, text: str) -> bytes | None:
@@ -235,7 +256,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         if m is None:
             if arg and arg.lstrip().startswith("<>"):
                 return "", arg.lstrip()[2:].lstrip(" \t")
-            return super()._getaddr(arg)  # type: ignore[no-any-return]
+            return super()._getaddr(arg)
         return m.group(1), m.group(2).lstrip(" \t")
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
@@ -254,7 +275,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         if address == "" and not arg.lstrip().startswith("<>"):
             await self.push(syntaxerr)
             return
-        if self.envelope.mail_from is not None:
+        if self.env.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
         options = (rest or "").upper().split()
@@ -285,16 +306,16 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         if status is MISSING:
             status = replies.SENDER_OK
         if status.startswith("250"):
-            self.envelope.mail_from = address
-            self.envelope.mail_options.extend(options)
-            self.envelope.smtp_utf8 = bool(smtputf8)
+            self.env.mail_from = address
+            self.env.mail_options.extend(options)
+            self.env.smtp_utf8 = bool(smtputf8)
         await self.push(status)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
             return
-        if self.envelope.mail_from is None:
+        if self.env.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
         syntaxerr = "501 5.5.4 Syntax: RCPT TO:<address>"
@@ -321,8 +342,8 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         if status is MISSING:
             status = replies.RECIPIENT_OK
         if status.startswith("250"):
-            self.envelope.rcpt_tos.append(address)
-            self.envelope.rcpt_options.extend(options)
+            self.env.rcpt_tos.append(address)
+            self.env.rcpt_options.extend(options)
         await self.push(status)
 
     # -- DATA ----------------------------------------------------------------------
@@ -330,7 +351,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
-        if not self.envelope.rcpt_tos:
+        if not self.env.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
             return
         if arg:
@@ -362,7 +383,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
                 self.transport.close()
             return
         if result.leftover:  # commands the client pipelined after the final dot
-            self._reader._buffer[0:0] = result.leftover
+            self._reader._buffer[0:0] = result.leftover  # type: ignore[attr-defined]
         if result.verdict is Verdict.TOO_BIG:
             await self.push(replies.TOO_BIG)
             self._set_post_data_state()
@@ -371,7 +392,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
             await self.push(replies.LINE_TOO_LONG)
             self._set_post_data_state()
             return
-        self.envelope.content = self.envelope.original_content = result.content
+        self.env.content = self.env.original_content = result.content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push("250 2.0.0 Ok" if status is MISSING else status)

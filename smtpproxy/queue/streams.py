@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import attrs
 import redis
@@ -66,7 +67,9 @@ class Streams:
     """Key names and operations of one smtpproxy installation (one key prefix)."""
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
-        self.client = client
+        # redis-py's annotations are unions of every reply type; our methods give the
+        # typed view, so the client itself is used untyped
+        self.client: Any = client
         self.prefix = prefix
         self.stream = f"{prefix}:deliver"
         self.dead_letters = f"{prefix}:dlq"
@@ -167,7 +170,7 @@ class Streams:
                 batch = self.client.xrange(self.stream, min=start, max="+", count=page)
             if not batch:
                 return
-            for eid, fields in batch:
+            for _eid, fields in batch:
                 mid = fields.get("id")
                 if mid:
                     yield mid

@@ -16,4 +16,14 @@ def open_store(cfg: Config) -> MessageStore:
         return LocalStore(
             cfg.storage_path, sync=cfg.storage.sync, min_free_bytes=cfg.smtp.max_message_size
         )
-    raise NotImplementedError(f"storage.type {cfg.storage.type!r}")
+    from smtpproxy.store.s3 import S3Store
+
+    s = cfg.storage
+    return S3Store(
+        s.s3_bucket,
+        prefix=s.s3_prefix,
+        endpoint=s.s3_endpoint,
+        region=s.s3_region,
+        access_key_id=s.s3_access_key_id,
+        secret_access_key=s.s3_secret_access_key,
+    )

@@ -75,7 +75,7 @@ class LocalStore:
         finally:
             os.close(fd)
         try:
-            os.rename(tmp, final)
+            tmp.rename(final)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
@@ -141,9 +141,7 @@ class LocalStore:
         if self.min_free_bytes:
             free = shutil.disk_usage(self.base).free
             if free < self.min_free_bytes:
-                raise StoreUnavailable(
-                    f"message store: only {free} bytes free in {self.base}"
-                )
+                raise StoreUnavailable(f"message store: only {free} bytes free in {self.base}")
 
     def iter_objects(self) -> Iterator[StoredObject]:
         stack = [self.base]

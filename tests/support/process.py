@@ -1,0 +1,103 @@
+"""Running `smtpproxy run` as a real process for end-to-end tests.
+
+The process is started with the test's config file, its JSON log lines are collected by
+a reader thread, and the bound SMTP and health ports are read from them (the config
+asks for port 0). stop() sends a signal and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_SMTP = re.compile(r"SMTP listening on (\S+):(\d+)")
+_HEALTH = re.compile(r"health endpoint on http://(\S+):(\d+)/")
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    """A TOML file from nested dicts of strings, numbers, booleans and lists."""
+
+    def value(v: Any) -> str:
+        return json.dumps(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    for section, table in cfg.items():
+        if not isinstance(table, dict):
+            continue
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if scalars:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in scalars.items()]
+        for name, sub in table.items():
+            if isinstance(sub, dict):
+                lines.append(f"[{section}.{name}]")
+                lines += [f"{k} = {value(v)}" for k, v in sub.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class SmtpProxyProcess:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.smtp_port = 0
+        self.health_port = 0
+        self._ready = threading.Event()
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("SMTPPROXY_CONFIG", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "smtpproxy", "--config", str(config), "run"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.raw.append(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            self.lines.append(record)
+            msg = str(record.get("msg", ""))
+            if m := _SMTP.search(msg):
+                self.smtp_port = self.smtp_port or int(m.group(2))
+            if m := _HEALTH.search(msg):
+                self.health_port = int(m.group(2))
+            if msg == "smtpproxy ready":
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Blocking: until the process says it is ready (or dies)."""
+        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+            raise RuntimeError("smtpproxy did not start:\n" + "".join(self.raw[-30:]))
+
+    def messages(self, level: str | None = None) -> list[str]:
+        return [str(r.get("msg")) for r in self.lines if level is None or r.get("level") == level]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Blocking: signal the process and wait for its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self._reader.join(timeout=5)
+        return self.proc.wait()
