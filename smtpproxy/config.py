@@ -415,6 +415,8 @@ def _check_semantics(cfg: Config) -> None:
             HostPort.parse(cfg.health.listen)
         except ConfigValueError as exc:
             problems.append(f"health.listen: {exc}")
+    if "cloudwatch" in cfg.log.output:
+        problems.append("log.output: 'cloudwatch' is not available in this version")
     if problems:
         raise ConfigError("\n".join(problems))
 

@@ -93,8 +93,8 @@ def _file_format(record: Any) -> str:
     return "{extra[_json]}\n"
 
 
-def configure_cli(verbose: bool = False) -> None:
-    """CLI commands log warnings (and with --verbose, info) readably to stderr."""
+def configure_cli() -> None:
+    """CLI commands log only warnings, readably, to stderr."""
     logger.remove()
-    logger.add(sys.stderr, level="INFO" if verbose else "WARNING", format="{level}: {message}")
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}")
     logging.basicConfig(handlers=[_Intercept()], level=logging.WARNING, force=True)

@@ -50,6 +50,9 @@ app.add_typer(route.app, name="route")
 
 
 def main() -> None:
+    from smtpproxy import logsetup
+
+    logsetup.configure_cli()  # `run` replaces this with the configured outputs
     try:
         app()
     except ConfigError as exc:

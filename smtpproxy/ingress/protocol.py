@@ -9,8 +9,8 @@ tests/ingress/test_protocol.py compare its replies with stock aiosmtpd's on edge
 What differs from stock aiosmtpd:
 * DATA is read in 64 KiB chunks by ingress/dataread.py (stock reads line by line) and
   rejects bare CR/LF (SMTP smuggling), closing the connection;
-* the null sender <> is accepted; MAIL SIZE= over the limit is 552 5.3.4; AUTH= is
-  accepted (RFC 4954 5);
+* the null sender <> is recorded as the empty reverse-path (stock keeps the string
+  "<>"); MAIL SIZE= over the limit is 552 5.3.4; AUTH= is accepted (RFC 4954 5);
 * AUTH PLAIN/LOGIN verify credentials asynchronously (on trio, through the handler);
   aborting with "*" gets exactly one reply; LOGIN prompts are "Username:"/"Password:";
   mechanism names are case-insensitive;

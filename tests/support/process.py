@@ -100,4 +100,7 @@ class SmtpProxyProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self._reader.join(timeout=5)
-        return self.proc.wait()
+        code = self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return code
