@@ -33,6 +33,7 @@ class Resources:
 
     def close(self) -> None:
         self.db.close()
+        self.store.close()
         self.redis.close()
         self.blocking_redis.close()
 

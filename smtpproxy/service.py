@@ -12,6 +12,7 @@ after a restart) once the visibility timeout passes.
 from __future__ import annotations
 
 import signal
+from functools import partial
 
 import attrs
 import trio
@@ -46,7 +47,11 @@ async def _wait_for_database(res: Resources) -> None:
     delay = 1.0
     while True:
         try:
-            applied = await trio.to_thread.run_sync(migrate.migrate, res.db.url)
+            applied = await trio.to_thread.run_sync(
+                partial(
+                    migrate.migrate, res.db.url, connect_timeout=res.cfg.database.connect_timeout
+                )
+            )
         except DatabaseUnavailable as exc:
             logger.warning("waiting for PostgreSQL ({}); retrying in {:.0f} s", exc, delay)
             await trio.sleep(delay)

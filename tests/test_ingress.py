@@ -166,3 +166,40 @@ async def test_queue_unavailable_means_451_and_nothing_delivered(
         rows = conn.execute("SELECT status, storage_key FROM messages").fetchall()
     assert [r[0] for r in rows] == ["enqueue_failed"]
     assert not (cfg.storage_path / rows[0][1]).exists()
+
+
+async def test_store_failure_means_451_and_no_row(
+    service: Service, account: dict[str, Any], cfg: Config, pg_url: str
+) -> None:
+    """When the body cannot be stored the client gets 451 and no row is written."""
+    import shutil
+
+    shutil.rmtree(cfg.storage_path)
+    cfg.storage_path.write_text("not a directory any more")
+    with trio.fail_after(20):
+        code, reply = await run(
+            lambda: smtp.send(service.smtp_port, "app", account["password"], smtp.message())
+        )
+    assert code == 451 and b"4.3.0" in reply
+    assert b"directory" not in reply.lower()  # no internal error text in the reply
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+
+
+async def test_database_failure_means_451_and_the_body_is_removed(
+    service: Service, account: dict[str, Any], cfg: Config, pg_url: str
+) -> None:
+    """When the row cannot be inserted the client gets 451 and the stored body is removed."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE messages RENAME TO messages_away")
+    try:
+        with trio.fail_after(20):
+            code, _ = await run(
+                lambda: smtp.send(service.smtp_port, "app", account["password"], smtp.message())
+            )
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE messages_away RENAME TO messages")
+    assert code == 451
+    leftovers = [p for p in cfg.storage_path.rglob("*") if p.is_file()]
+    assert leftovers == []

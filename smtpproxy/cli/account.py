@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import typer
+from rich.text import Text
 
-from smtpproxy.cli.common import JsonOption, console, database, emit_object, emit_rows, read_secret
+from smtpproxy.cli.common import (
+    JsonOption,
+    console,
+    database,
+    emit_object,
+    emit_rows,
+    read_secret,
+    say,
+)
 
 app = typer.Typer(help="SMTP accounts: the credentials clients log in with.", no_args_is_help=True)
 
@@ -46,10 +55,10 @@ def add(
             out["password"] = password
         print(json.dumps(out, indent=2))
         return
-    console.print(f"account {username} created (id {aid}) in tenant {tenant}")
+    say(f"account {username} created (id {aid}) in tenant {tenant}")
     if generated:
         console.print(
-            f"password: [bold]{password}[/bold]  (shown once; store it now)", highlight=False
+            Text.assemble("password: ", (password, "bold"), "  (shown once; store it now)")
         )
 
 

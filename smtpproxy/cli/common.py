@@ -15,6 +15,7 @@ import psycopg
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from smtpproxy import embedded
 from smtpproxy.config import EMBEDDED, Config, load_config
@@ -23,7 +24,17 @@ from smtpproxy.db.pool import connect
 from smtpproxy.errors import UsageError
 
 console = Console()
-err_console = Console(stderr=True)
+
+
+def say(message: str) -> None:
+    """A line of output that may contain user data: printed as is, never as markup."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def error_line(message: str) -> None:
+    """One line on stderr, never wrapped, never interpreted as markup."""
+    sys.stderr.write(message.replace("\n", " ") + "\n")
+
 
 JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table (for scripts).")
 
@@ -45,15 +56,16 @@ def database(ctx: typer.Context) -> Iterator[psycopg.Connection[Any]]:
     when it fails, so nothing is ever half-written."""
     cfg = config(ctx)
     url = embedded.database_url(cfg)
-    pending = migrate.pending(url)
+    timeout = cfg.database.connect_timeout
+    pending = migrate.pending(url, connect_timeout=timeout)
     if pending:
         if cfg.database.url != EMBEDDED:
             raise UsageError(
                 f"the database schema is {len(pending)} migration(s) behind: "
                 "run `smtpproxy db migrate` first"
             )
-        migrate.migrate(url)
-    conn = connect(url)
+        migrate.migrate(url, connect_timeout=timeout)
+    conn = connect(url, connect_timeout=timeout)
     try:
         yield conn
         conn.commit()
@@ -85,7 +97,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any) -> Text:
+    return Text(_cell_text(value))
+
+
+def _cell_text(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, datetime):
@@ -124,7 +140,7 @@ def emit_object(obj: dict[str, Any], as_json: bool) -> None:
     table.add_column(style="bold")
     table.add_column()
     for k, v in obj.items():
-        table.add_row(k.replace("_", " "), _cell(v))
+        table.add_row(Text(k.replace("_", " ")), _cell(v))
     console.print(table)
 
 
@@ -132,4 +148,4 @@ def done(message: str, as_json: bool = False, **data: Any) -> None:
     if as_json:
         print(json.dumps(_plain(data), indent=2))
     else:
-        console.print(message)
+        say(message)

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from smtpproxy.cli import account, dbcmd, provider, route, runcmd, tenant
-from smtpproxy.cli.common import err_console
+from smtpproxy.cli.common import error_line
 from smtpproxy.errors import ConfigError, ListenError, SmtpProxyError
 
 app = typer.Typer(
@@ -57,10 +57,10 @@ def main() -> None:
         app()
     except ConfigError as exc:
         for line in str(exc).splitlines():
-            err_console.print(f"config error: {line}", markup=False, highlight=False)
+            error_line(f"config error: {line}")
         sys.exit(2)
     except (SmtpProxyError, ListenError) as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        error_line(f"error: {exc}")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import typer
+from rich.text import Text
 
 from smtpproxy.cli.common import JsonOption, config, console
 
@@ -41,7 +42,10 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps({"source": cfg.source or None, "config": data}, indent=2))
             return
-        console.print(f"[green]config OK[/green] ({cfg.source or 'built-in defaults'})")
+        console.print(
+            Text.assemble(("config OK", "green"), f" ({cfg.source or 'built-in defaults'})"),
+            soft_wrap=True,
+        )
         _print_toml(data)
 
     @app.command("gen-secret-key")

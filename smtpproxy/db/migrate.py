@@ -14,7 +14,7 @@ from pathlib import Path
 import attrs
 import psycopg
 
-from smtpproxy.db.pool import mapped_errors
+from smtpproxy.db.pool import connect, mapped_errors
 
 # an arbitrary constant shared by every smtpproxy process: "smtpprox" in ASCII
 _LOCK_KEY = 0x736D7470_70726F78
@@ -56,10 +56,12 @@ def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> set[int]:
     return {int(str(r[0])) for r in conn.execute("SELECT version FROM schema_migrations")}
 
 
-def migrate(url: str, directory: Path | None = None) -> list[Migration]:
+def migrate(
+    url: str, directory: Path | None = None, *, connect_timeout: float = 5.0
+) -> list[Migration]:
     """Apply pending migrations; returns the ones applied by this call."""
     done: list[Migration] = []
-    with mapped_errors(), psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+    with mapped_errors(), connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
         conn.execute("SELECT pg_advisory_lock(%s::bigint)", (_LOCK_KEY,))
         try:
             conn.execute(
@@ -83,7 +85,9 @@ def migrate(url: str, directory: Path | None = None) -> list[Migration]:
     return done
 
 
-def pending(url: str, directory: Path | None = None) -> list[Migration]:
-    with mapped_errors(), psycopg.connect(url, connect_timeout=5) as conn:
+def pending(
+    url: str, directory: Path | None = None, *, connect_timeout: float = 5.0
+) -> list[Migration]:
+    with mapped_errors(), connect(url, connect_timeout=connect_timeout) as conn:
         have = applied_versions(conn)
     return [m for m in available(directory) if m.version not in have]

@@ -94,7 +94,11 @@ class Database:
         return dict(self._pool.get_stats())
 
 
-def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
+def connect(
+    url: str, *, autocommit: bool = False, connect_timeout: float = 5.0
+) -> psycopg.Connection[tuple[object, ...]]:
     """A single connection for the CLI, with errors mapped."""
     with mapped_errors():
-        return psycopg.connect(url, autocommit=autocommit, connect_timeout=5)
+        return psycopg.connect(
+            url, autocommit=autocommit, connect_timeout=max(1, round(connect_timeout))
+        )

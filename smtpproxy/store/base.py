@@ -22,10 +22,11 @@ class StoredObject:
 
 
 def key_for(message_id: str) -> str:
-    """The storage key of a message: fanned out by the id's random tail, so a million
-    bodies spread over 1,024 directories (or S3 key prefixes)."""
-    tail = message_id[-4:].lower()
-    return f"{tail[2:]}/{tail[:2]}/{message_id}.eml"
+    """The storage key of a message: fanned out by the id's random last two characters
+    (32 x 32 = 1,024 directories or S3 key prefixes), so a million bodies make about a
+    thousand files per directory."""
+    tail = message_id[-2:].lower()
+    return f"{tail[1]}/{tail[0]}/{message_id}.eml"
 
 
 class MessageStore(Protocol):
@@ -49,3 +50,6 @@ class MessageStore(Protocol):
 
     def describe(self) -> str:
         """Where the bodies are, for banners and `check-config`."""
+
+    def close(self) -> None:
+        """Release connections and threads."""

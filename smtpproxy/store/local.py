@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import secrets
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,6 +45,9 @@ class LocalStore:
     def describe(self) -> str:
         return f"local files in {self.base} (sync: {self.sync})"
 
+    def close(self) -> None:
+        return None
+
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
             raise ValueError(f"storage key escapes the store: {key!r}")
@@ -59,25 +63,36 @@ class LocalStore:
         self._dirs.add(name)
         return created
 
+    def _open_temp(self, final: Path) -> tuple[Path, int]:
+        """A new temp file beside final, unique per call (threads may write one key)."""
+        tmp = final.with_name(f"{_TMP_MARK}{os.getpid()}-{secrets.token_hex(6)}-{final.name}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return tmp, os.open(tmp, flags, _MODE)
+        except FileNotFoundError:
+            # the directory went away since we created it (a cleanup job): make it again
+            self._dirs.discard(str(final.parent))
+            self._ensure_dir(final.parent)
+            return tmp, os.open(tmp, flags, _MODE)
+
     def _write_one(self, key: str, data: bytes, fsync: bool) -> Path:
         """Write data into a temp file next to its final name and rename it there."""
         final = self._path(key)
         new_dir = self._ensure_dir(final.parent)
-        tmp = final.with_name(f"{_TMP_MARK}{os.getpid()}-{final.name}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _MODE)
+        tmp, fd = self._open_temp(final)
         try:
-            os.fchmod(fd, _MODE)  # the umask must not widen or narrow it
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                os.fchmod(fd, _MODE)  # the umask must not widen or narrow it
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             tmp.rename(final)
-        except OSError:
-            tmp.unlink(missing_ok=True)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never leave a half-written temp file
             raise
         if fsync:
             self._fsync_dir(final.parent)
@@ -122,7 +137,7 @@ class LocalStore:
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise BodyNotFound(key) from None
         except OSError as exc:
             raise _unavailable("read", exc) from exc

@@ -65,6 +65,10 @@ class S3Store:
         )
         self._pool = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="s3-put")
 
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self._client.close()
+
     def describe(self) -> str:
         where = f" at {self.endpoint}" if self.endpoint else ""
         return f"S3 bucket {self.bucket}{where}, prefix {self.prefix or '(none)'}"
@@ -128,10 +132,9 @@ class S3Store:
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for obj in page.get("Contents", []):
-                    yield StoredObject(
-                        obj["Key"][len(self.prefix) :],
-                        int(obj["Size"]),
-                        obj["LastModified"].timestamp(),
-                    )
+                    key = obj["Key"][len(self.prefix) :]
+                    if not key or key.endswith("/"):
+                        continue  # a "folder" marker some tools create, not a body
+                    yield StoredObject(key, int(obj["Size"]), obj["LastModified"].timestamp())
         except _ERRORS as exc:
             raise StoreUnavailable(f"message store: S3 listing failed ({_reason(exc)})") from exc
