@@ -12,6 +12,7 @@ import os
 import secrets
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +59,30 @@ def pg_admin_url(_embedded_dir: Path) -> str:
     return str(server.get_uri())
 
 
+@contextmanager
+def scratch_database(admin_url: str, name: str) -> Iterator[str]:
+    """A new empty database, dropped afterwards; yields its URL."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_dbname(admin_url, name)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def pg_url(pg_admin_url: str) -> Iterator[str]:
-    dbname = f"smtpproxy_test_{os.getpid()}_{RUN_ID}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}"')
-    url = _with_dbname(pg_admin_url, dbname)
-    migrate.migrate(url)
-    yield url
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    with scratch_database(pg_admin_url, f"smtpproxy_test_{os.getpid()}_{RUN_ID}") as url:
+        migrate.migrate(url)
+        yield url
+
+
+@pytest.fixture
+def fresh_database(pg_admin_url: str) -> Iterator[str]:
+    """An empty database (no schema) for this test only."""
+    with scratch_database(pg_admin_url, f"smtpproxy_scratch_{secrets.token_hex(6)}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,19 +165,6 @@ def acme(conn: psycopg.Connection[Any], secret_key: str) -> None:
             secret=secret,
             encrypt=box.encrypt,
         )
-
-
-@pytest.fixture
-def fresh_database(pg_admin_url: str) -> Iterator[str]:
-    """An empty database (no schema) for this test only."""
-    name = f"smtpproxy_cli_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    info = psycopg.conninfo.conninfo_to_dict(pg_admin_url)
-    info["dbname"] = name
-    yield psycopg.conninfo.make_conninfo(**info)
-    with psycopg.connect(pg_admin_url, autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def add_route(conn: psycopg.Connection[Any], provider: str, priority: int | None = None) -> None:

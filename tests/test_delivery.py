@@ -52,6 +52,14 @@ async def wait_status(pg_url: str, mid: str, *statuses: str, timeout: float = 20
             await trio.sleep(0.05)
 
 
+def stream_entries(redis_url: str, key: str) -> list[tuple[str, dict[str, str]]]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return list(client.xrange(key))
+    finally:
+        client.close()
+
+
 def logs(pg_url: str, mid: str) -> list[dict[str, Any]]:
     with psycopg.connect(pg_url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         return cur.execute(
@@ -214,9 +222,7 @@ async def test_exhausted_retries_are_dead_lettered(
     stop.set()
     assert row["attempts"] == 2
     assert [a["status"] for a in logs(pg_url, mid)] == ["retrying", "dlq"]
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    dead = client.xrange(f"{key_prefix}:dlq")
-    client.close()
+    dead = stream_entries(redis_url, f"{key_prefix}:dlq")
     assert [fields["id"] for _, fields in dead] == [mid]
     assert dead[0][1]["attempts"] == "2"
 
@@ -267,9 +273,7 @@ async def test_missing_body_is_storage_error(
     assert "body missing" in row["last_error"]
     [entry] = logs(pg_url, "01TESTNOBODY000000000000AA")
     assert entry["status"] == "storage_error"
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    dead = client.xrange(f"{key_prefix}:dlq")
-    client.close()
+    dead = stream_entries(redis_url, f"{key_prefix}:dlq")
     assert [f["id"] for _, f in dead] == ["01TESTNOBODY000000000000AA"]
     assert not (tmp_path / "outbox").exists()
 
@@ -303,7 +307,5 @@ async def test_reconciler_rebuilds_lost_stream_entries(
     finally:
         res.close()
     assert n == 1
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    ids = sorted(f["id"] for _, f in client.xrange(f"{key_prefix}:deliver"))
-    client.close()
+    ids = sorted(f["id"] for _, f in stream_entries(redis_url, f"{key_prefix}:deliver"))
     assert ids == ["01LOSTENTRY000000000000000", "01ONSTREAM0000000000000000"]

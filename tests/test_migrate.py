@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -13,25 +11,13 @@ import pytest
 from smtpproxy.db import migrate
 
 
-@pytest.fixture
-def fresh_db(pg_admin_url: str) -> Iterator[str]:
-    name = f"smtpproxy_migrate_{secrets.token_hex(4)}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    info = psycopg.conninfo.conninfo_to_dict(pg_admin_url)
-    info["dbname"] = name
-    yield psycopg.conninfo.make_conninfo(**info)
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def test_migrate_is_idempotent(fresh_db: str) -> None:
+def test_migrate_is_idempotent(fresh_database: str) -> None:
     """The first run applies every migration, the second none; the tables exist."""
-    first = migrate.migrate(fresh_db)
+    first = migrate.migrate(fresh_database)
     assert [m.version for m in first] == [m.version for m in migrate.available()]
-    assert migrate.migrate(fresh_db) == []
-    assert migrate.pending(fresh_db) == []
-    with psycopg.connect(fresh_db) as conn:
+    assert migrate.migrate(fresh_database) == []
+    assert migrate.pending(fresh_database) == []
+    with psycopg.connect(fresh_database) as conn:
         tables = {
             r[0]
             for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
@@ -47,7 +33,7 @@ def test_migrate_is_idempotent(fresh_db: str) -> None:
     } <= tables
 
 
-def test_concurrent_migrations_apply_each_file_once(fresh_db: str) -> None:
+def test_concurrent_migrations_apply_each_file_once(fresh_database: str) -> None:
     """Eight migrators started together apply each migration exactly once between them."""
     results: list[list[int]] = []
     errors: list[BaseException] = []
@@ -56,7 +42,7 @@ def test_concurrent_migrations_apply_each_file_once(fresh_db: str) -> None:
     def worker() -> None:
         barrier.wait()
         try:
-            results.append([m.version for m in migrate.migrate(fresh_db)])
+            results.append([m.version for m in migrate.migrate(fresh_database)])
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -68,7 +54,7 @@ def test_concurrent_migrations_apply_each_file_once(fresh_db: str) -> None:
     assert errors == []
     applied = sorted(v for r in results for v in r)
     assert applied == [m.version for m in migrate.available()]
-    with psycopg.connect(fresh_db) as conn:
+    with psycopg.connect(fresh_database) as conn:
         rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
     assert [r[0] for r in rows] == applied
 
@@ -81,12 +67,12 @@ def test_a_gap_in_migration_numbers_is_refused(tmp_path: Path) -> None:
         migrate.available(tmp_path)
 
 
-def test_a_failing_migration_leaves_nothing_behind(fresh_db: str, tmp_path: Path) -> None:
+def test_a_failing_migration_leaves_nothing_behind(fresh_database: str, tmp_path: Path) -> None:
     """A migration that fails halfway is rolled back and not recorded."""
     (tmp_path / "001_ok.sql").write_text("CREATE TABLE ok_table (id int);")
     (tmp_path / "002_bad.sql").write_text("CREATE TABLE half (id int); SELECT no_such_column;")
     with pytest.raises(psycopg.Error):
-        migrate.migrate(fresh_db, tmp_path)
-    with psycopg.connect(fresh_db) as conn:
+        migrate.migrate(fresh_database, tmp_path)
+    with psycopg.connect(fresh_database) as conn:
         assert conn.execute("SELECT to_regclass('half')").fetchone() == (None,)
         assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]

@@ -90,9 +90,6 @@ class Database:
     def ping(self) -> None:
         self.call(lambda conn: conn.execute("SELECT 1"))
 
-    def statistics(self) -> dict[str, int]:
-        return dict(self._pool.get_stats())
-
 
 def connect(
     url: str, *, autocommit: bool = False, connect_timeout: float = 5.0

@@ -89,7 +89,6 @@ class Consumer:
         self.name = name
         self._policy = policy
         cfg = res.cfg.delivery
-        self._concurrency = cfg.concurrency
         self._visibility = cfg.visibility_timeout
         self._body_retries = cfg.body_read_retries
         self._slots = trio.Semaphore(cfg.concurrency)

@@ -259,29 +259,40 @@ class RelaySMTP(SMTP):
             return super()._getaddr(arg)
         return m.group(1), m.group(2).lstrip(" \t")
 
+    async def _parse_path(
+        self, arg: str | None, keyword: str, syntaxerr: str, *, null_ok: bool
+    ) -> tuple[str, list[str], dict[str, str | bool]] | None:
+        """The address, options and parameters of MAIL FROM:/RCPT TO:, or None after
+        answering what is wrong with them."""
+        arg = self._strip_command_keyword(keyword, arg) if arg is not None else None
+        if arg is None:
+            await self.push(syntaxerr)
+            return None
+        address, rest = self._getaddr(arg)
+        if address is None:
+            await self.push("553 5.1.3 Error: malformed address")
+            return None
+        if address == "" and not (null_ok and arg.lstrip().startswith("<>")):
+            await self.push(syntaxerr)
+            return None
+        options = (rest or "").upper().split()
+        params = self._getparams(options)
+        if params is None:
+            await self.push(syntaxerr)
+            return None
+        return address, options, params
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
             return
         syntaxerr = "501 5.5.4 Syntax: MAIL FROM:<address> [SP <mail-parameters>]"
-        arg = self._strip_command_keyword("FROM:", arg) if arg is not None else None
-        if arg is None:
-            await self.push(syntaxerr)
+        parsed = await self._parse_path(arg, "FROM:", syntaxerr, null_ok=True)
+        if parsed is None:
             return
-        address, rest = self._getaddr(arg)
-        if address is None:
-            await self.push("553 5.1.3 Error: malformed address")
-            return
-        if address == "" and not arg.lstrip().startswith("<>"):
-            await self.push(syntaxerr)
-            return
+        address, options, params = parsed
         if self.env.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
-            return
-        options = (rest or "").upper().split()
-        params = self._getparams(options)
-        if params is None:
-            await self.push(syntaxerr)
             return
         if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
             await self.push("501 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME")
@@ -319,22 +330,10 @@ class RelaySMTP(SMTP):
             await self.push("503 5.5.1 Error: need MAIL command")
             return
         syntaxerr = "501 5.5.4 Syntax: RCPT TO:<address>"
-        arg = self._strip_command_keyword("TO:", arg) if arg is not None else None
-        if arg is None:
-            await self.push(syntaxerr)
+        parsed = await self._parse_path(arg, "TO:", syntaxerr, null_ok=False)
+        if parsed is None:
             return
-        address, rest = self._getaddr(arg)
-        if address is None:
-            await self.push("553 5.1.3 Error: malformed address")
-            return
-        if not address:
-            await self.push(syntaxerr)
-            return
-        options = (rest or "").upper().split()
-        params = self._getparams(options)
-        if params is None:
-            await self.push(syntaxerr)
-            return
+        address, options, params = parsed
         if params:
             await self.push("555 5.5.4 RCPT TO parameters not recognized or not implemented")
             return
