@@ -79,12 +79,18 @@ class OutcomeKind(enum.StrEnum):
 
 @attrs.frozen
 class Outcome:
-    """What one provider call came to: a pure value made by a provider's classifier."""
+    """What one provider call came to: a pure value made by a provider's classifier.
+
+    A DELIVERED outcome may name recipients the provider deferred (to be retried on their
+    own, without re-sending to the others) or rejected permanently (reported, not retried).
+    """
 
     kind: OutcomeKind
     detail: str = ""  # a short reason for people: never a secret, never a body
     provider_message_id: str | None = None
     retry_after: float | None = None  # seconds the provider asked us to wait
+    deferred: tuple[str, ...] = ()
+    rejected: tuple[str, ...] = ()
 
     @classmethod
     def delivered(cls, provider_message_id: str | None = None, detail: str = "") -> Outcome:

@@ -84,6 +84,7 @@ class ProviderType:
     secret_required: bool = False
     default_endpoint: str | None = None
     max_recipients: int | None = None  # per request; larger route groups are split
+    max_message_bytes: int | None = None  # largest raw message the provider can take
 
     def validate(self, spec: ProviderSpec) -> None:
         """Raise ProviderConfigError for unknown or missing settings."""

@@ -232,4 +232,6 @@ TYPE = ProviderType(
     secret_required=True,
     default_endpoint=ENDPOINTS["global"],
     max_recipients=MAX_RECIPIENTS,
+    # 30 MB per JSON request; attachments grow by a third in base64
+    max_message_bytes=MAX_REQUEST_BYTES * 3 // 4 - 64 * 1024,
 )
