@@ -147,6 +147,7 @@ class DatabaseConfig:
     pool_min: int = 2
     pool_max: int = 10
     connect_timeout: Duration = Duration(5)
+    retention_days: int = 365  # finished messages and delivery logs; 0 keeps them forever
 
 
 @attrs.frozen
@@ -167,7 +168,10 @@ class StorageConfig:
     s3_region: str = ""
     s3_access_key_id: str = ""
     s3_secret_access_key: str = secret()
-    retention_days: int = 30
+    retention_days: int = 30  # bodies of finished messages; 0 keeps them forever
+    check_interval: Duration = Duration(3600)  # the consistency checker in `run`; 0: off
+    orphan_grace: Duration = Duration(3600)  # a body younger than this is never an orphan
+    orphan_action: Literal["quarantine", "delete", "report"] = "quarantine"
 
 
 @attrs.frozen
@@ -383,7 +387,14 @@ def _positive_counts(cfg: Config) -> list[str]:
         "delivery.max_attempts": cfg.delivery.max_attempts,
         "database.pool_max": cfg.database.pool_max,
     }
-    return [f"{name}: expected a positive integer" for name, v in counts.items() if v < 1]
+    problems = [f"{name}: expected a positive integer" for name, v in counts.items() if v < 1]
+    for name, days in (
+        ("storage.retention_days", cfg.storage.retention_days),
+        ("database.retention_days", cfg.database.retention_days),
+    ):
+        if days < 0:
+            problems.append(f"{name}: expected 0 (keep forever) or a number of days")
+    return problems
 
 
 def _provider_tables(cfg: Config) -> list[str]:

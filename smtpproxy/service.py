@@ -23,7 +23,12 @@ from smtpproxy.db import migrate
 from smtpproxy.delivery import directory
 from smtpproxy.delivery.consumer import Consumer, DirectoryHolder, consumer_name
 from smtpproxy.delivery.retry import RetryPolicy
-from smtpproxy.delivery.scheduler import run_directory_reload, run_reconciler, run_scheduler
+from smtpproxy.delivery.scheduler import (
+    run_checker,
+    run_directory_reload,
+    run_reconciler,
+    run_scheduler,
+)
 from smtpproxy.errors import DatabaseUnavailable
 from smtpproxy.health import HealthState, run_health
 from smtpproxy.ingress.server import run_ingress
@@ -110,6 +115,7 @@ async def serve(
                 await nursery.start(supervise, "consumer", consumer.run)
                 await nursery.start(supervise, "scheduler", lambda: run_scheduler(res))
                 await nursery.start(supervise, "reconciler", lambda: run_reconciler(res))
+                await nursery.start(supervise, "storage-check", lambda: run_checker(res))
                 await nursery.start(
                     supervise, "routing-reload", lambda: run_directory_reload(res, holder, pool)
                 )

@@ -722,8 +722,8 @@ def test_gen_secret_key_prints_a_fernet_key(tmp_path: Path) -> None:
 def test_db_migrate_and_status(
     tmp_path: Path, fresh_database: str, redis_url: str, key_prefix: str, secret_key: str
 ) -> None:
-    """On an empty database, commands ask for `db migrate`; migrate applies 001 once, a second
-    run says the schema is up to date, and `db status` lists 001 as applied."""
+    """On an empty database, commands ask for `db migrate`; migrate applies every migration
+    once, a second run says the schema is up to date, and `db status` lists them applied."""
     raw = config_settings(tmp_path, fresh_database, redis_url, key_prefix, secret_key)
     path = write_config(tmp_path / "smtpproxy.toml", raw)
 
@@ -736,7 +736,7 @@ def test_db_migrate_and_status(
 
     fails(behind, "run `smtpproxy db migrate` first")
     assert before[0] == {"version": "001", "name": "initial", "applied": False}
-    assert "applied 1 migration(s): 001_initial" in first
+    assert "applied 2 migration(s): 001_initial, 002_storage_checks" in first
     assert "schema is up to date" in ok(second)
     assert third == {"applied": []}
     assert after[0] == {"version": "001", "name": "initial", "applied": True}

@@ -10,9 +10,8 @@ import psycopg
 import redis
 import trio
 
-from smtpproxy import admin
+from smtpproxy import admin, fsck
 from smtpproxy.config import Config
-from smtpproxy.delivery.scheduler import reconcile
 from smtpproxy.resources import open_resources
 from smtpproxy.service import Running, serve
 from tests.conftest import make_config
@@ -303,9 +302,10 @@ async def test_reconciler_rebuilds_lost_stream_entries(
     xadd(redis_url, key_prefix, "01ONSTREAM0000000000000000", account)
     res = open_resources(cfg)
     try:
-        n = await run(lambda: reconcile(res, 0.0, 300.0))
+        opts = fsck.Options(repair=True, grace=0.0)
+        result = await run(fsck.Checker(res, opts).reconcile_stream)
     finally:
         res.close()
-    assert n == 1
+    assert (result.problems, result.repaired) == (1, 1)
     ids = sorted(f["id"] for _, f in stream_entries(redis_url, f"{key_prefix}:deliver"))
     assert ids == ["01LOSTENTRY000000000000000", "01ONSTREAM0000000000000000"]

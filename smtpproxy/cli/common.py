@@ -50,11 +50,9 @@ def config(ctx: typer.Context) -> Config:
     return cfg
 
 
-@contextmanager
-def database(ctx: typer.Context) -> Iterator[psycopg.Connection[Any]]:
-    """A connection for one command: committed when the command succeeds, rolled back
-    when it fails, so nothing is ever half-written."""
-    cfg = config(ctx)
+def ensure_schema(cfg: Config) -> str:
+    """The database URL, once the schema is current: the embedded database is migrated on
+    the spot, a real one must be migrated by the operator (`smtpproxy db migrate`)."""
     url = embedded.database_url(cfg)
     timeout = cfg.database.connect_timeout
     pending = migrate.pending(url, connect_timeout=timeout)
@@ -65,7 +63,16 @@ def database(ctx: typer.Context) -> Iterator[psycopg.Connection[Any]]:
                 "run `smtpproxy db migrate` first"
             )
         migrate.migrate(url, connect_timeout=timeout)
-    conn = connect(url, connect_timeout=timeout)
+    return url
+
+
+@contextmanager
+def database(ctx: typer.Context) -> Iterator[psycopg.Connection[Any]]:
+    """A connection for one command: committed when the command succeeds, rolled back
+    when it fails, so nothing is ever half-written."""
+    cfg = config(ctx)
+    url = ensure_schema(cfg)
+    conn = connect(url, connect_timeout=cfg.database.connect_timeout)
     try:
         yield conn
         conn.commit()

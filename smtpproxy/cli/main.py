@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 
+import psycopg
 import typer
 
-from smtpproxy.cli import account, dbcmd, provider, route, runcmd, tenant
+from smtpproxy.cli import account, dbcmd, fsckcmd, provider, route, runcmd, tenant
 from smtpproxy.cli.common import error_line
 from smtpproxy.errors import ConfigError, ListenError, SmtpProxyError
 
@@ -42,6 +43,7 @@ def _global(
 
 
 runcmd.register(app)
+fsckcmd.register(app)
 app.add_typer(dbcmd.app, name="db")
 app.add_typer(tenant.app, name="tenant")
 app.add_typer(account.app, name="account")
@@ -61,6 +63,10 @@ def main() -> None:
         sys.exit(2)
     except (SmtpProxyError, ListenError) as exc:
         error_line(f"error: {exc}")
+        sys.exit(1)
+    except psycopg.Error as exc:  # one line, not a traceback, even for the unexpected
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        error_line(f"error: database: {first}")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

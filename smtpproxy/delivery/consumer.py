@@ -31,7 +31,7 @@ from smtpproxy.delivery.directory import ProviderPool, Snapshot
 from smtpproxy.delivery.retry import Decision, RetryPolicy, decide
 from smtpproxy.errors import BodyNotFound, DatabaseUnavailable, QueueUnavailable, StoreUnavailable
 from smtpproxy.models import Outcome, Status
-from smtpproxy.queue.streams import Entry, Streams
+from smtpproxy.queue.streams import Entry, Streams, dead_letter_fields
 from smtpproxy.resources import Resources
 
 
@@ -394,15 +394,14 @@ class Consumer:
         return True
 
     async def _dead_letter(self, msg: Claimed, decision: Decision, log: Any) -> None:
-        fields = {
-            "id": msg.id,
-            "tenant_id": str(msg.tenant_id),
-            "account_id": str(msg.account_id),
-            "status": decision.status.value,
-            "attempts": str(msg.attempts),
-            "reason": decision.reason[:1000],
-            "at": datetime.now(UTC).isoformat(),
-        }
+        fields = dead_letter_fields(
+            msg.id,
+            msg.tenant_id,
+            msg.account_id,
+            status=decision.status,
+            attempts=msg.attempts,
+            reason=decision.reason,
+        )
         try:
             await self._res.redis_offload(self._res.streams.add_dead_letter, fields)
         except QueueUnavailable as exc:

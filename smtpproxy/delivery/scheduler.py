@@ -6,22 +6,23 @@
 * the reconciler re-enqueues live rows that have no stream entry: queued longer than a
   grace period, or stuck in `sending` past the visibility timeout. This is how a Redis
   that restarted empty, or a deleted stream, is rebuilt from PostgreSQL (invariant 3);
+* the storage checker runs every check of fsck.py with repairs, hourly by default;
 * the directory reload keeps the routing snapshot current.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import trio
 from loguru import logger
 from psycopg.rows import dict_row
 
+from smtpproxy import fsck
 from smtpproxy.db.queries import Q
 from smtpproxy.delivery import directory
 from smtpproxy.delivery.consumer import DirectoryHolder
-from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable
+from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
 from smtpproxy.resources import Resources
 
 BATCH = 500
@@ -48,32 +49,6 @@ def enqueue_due_retries(res: Resources, limit: int = BATCH) -> int:
     return res.db.call(work)
 
 
-def _touch(conn: Any, ids: list[str]) -> None:
-    conn.execute(Q.touch_queued, (ids,))
-
-
-def reconcile(res: Resources, grace: float, visibility: float) -> int:
-    """Blocking: re-enqueue live rows missing from the stream; returns how many."""
-    on_stream = set(res.streams.queued_message_ids())
-
-    def stale(conn: Any) -> list[dict[str, Any]]:
-        with conn.cursor(row_factory=dict_row) as cur:
-            rows: list[dict[str, Any]] = cur.execute(
-                Q.stale_queued, {"grace": grace, "visibility": visibility}
-            ).fetchall()
-        return rows
-
-    missing = [r for r in res.db.call(stale) if r["id"] not in on_stream]
-    for start in range(0, len(missing), BATCH):
-        chunk = missing[start : start + BATCH]
-        ids = [r["id"] for r in chunk]
-        res.db.call(partial(_touch, ids=ids))
-        res.streams.add_many([_fields(r) for r in chunk])
-        for mid in ids:
-            logger.bind(message_id=mid).warning("re-enqueued: it was not on the stream")
-    return len(missing)
-
-
 async def run_scheduler(
     res: Resources, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -93,21 +68,53 @@ async def run_scheduler(
 async def run_reconciler(
     res: Resources,
     *,
-    interval: float = 60.0,
+    interval: float = 30.0,
     grace: float = 60.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    visibility = res.cfg.delivery.visibility_timeout
+    """Every interval, re-enqueue live rows that lost their stream entry (the storage
+    checker's stream check, with a short grace)."""
+    opts = fsck.options_from_config(res, repair=True, grace=grace)
     task_status.started()
     while True:
+        await trio.sleep(interval)
         try:
-            n = await res.db.offload(reconcile, res, grace, visibility)
+            result = await res.db.offload(fsck.Checker(res, opts).reconcile_stream)
+        except fsck.AlreadyRunning:
+            continue  # another instance is doing it
         except (DatabaseUnavailable, QueueUnavailable) as exc:
             logger.warning("reconciler: {}", exc)
-        else:
-            if n:
-                logger.warning("reconciler re-enqueued {} messages", n)
+            continue
+        if result.repaired:
+            logger.warning("reconciler re-enqueued {} messages", result.repaired)
+
+
+async def run_checker(
+    res: Resources, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The full storage check with repairs, every storage.check_interval."""
+    interval = res.cfg.storage.check_interval
+    opts = fsck.options_from_config(res, repair=True)
+    task_status.started()
+    while interval:
         await trio.sleep(interval)
+        try:
+            results = await res.db.offload(fsck.Checker(res, opts).run)
+        except fsck.AlreadyRunning:
+            continue
+        except (DatabaseUnavailable, QueueUnavailable, StoreUnavailable) as exc:
+            logger.warning("storage check: {}", exc)
+            continue
+        for r in results:
+            if r.problems or r.repaired:
+                logger.warning(
+                    "storage check {}: {} checked, {} problems, {} repaired",
+                    r.name,
+                    r.checked,
+                    r.problems,
+                    r.repaired,
+                )
+    await trio.sleep_forever()
 
 
 async def run_directory_reload(

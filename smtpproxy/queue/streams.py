@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -33,6 +34,21 @@ class Entry:
 class PendingInfo:
     count: int
     consumers: Mapping[str, int]
+
+
+def dead_letter_fields(
+    message_id: str, tenant_id: int, account_id: int, *, status: str, attempts: int, reason: str
+) -> dict[str, str]:
+    """The fields of a dead-letter stream entry."""
+    return {
+        "id": message_id,
+        "tenant_id": str(tenant_id),
+        "account_id": str(account_id),
+        "status": str(status),
+        "attempts": str(attempts),
+        "reason": reason[:1000],
+        "at": datetime.now(UTC).isoformat(),
+    }
 
 
 @contextmanager

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import attrs
 
+QUARANTINE = "quarantine"  # top-level directory / key prefix that holds quarantined bodies
+
 
 @attrs.frozen
 class StoredObject:
@@ -42,11 +44,18 @@ class MessageStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove key; removing a missing key is not an error."""
 
+    def exists(self, key: str) -> bool:
+        """Whether a body is stored under key (cheaper than get)."""
+
+    def quarantine(self, key: str) -> None:
+        """Move key under quarantine/ (kept for an operator to inspect, no longer listed)."""
+
     def check(self) -> None:
         """Raise StoreUnavailable when the store cannot take writes now."""
 
     def iter_objects(self) -> Iterator[StoredObject]:
-        """Every stored body, in no particular order, without loading them."""
+        """Every stored body (quarantined ones excluded), in no particular order, without
+        loading them."""
 
     def describe(self) -> str:
         """Where the bodies are, for banners and `check-config`."""

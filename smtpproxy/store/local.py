@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from smtpproxy.errors import BodyNotFound, StoreUnavailable
-from smtpproxy.store.base import StoredObject
+from smtpproxy.store.base import QUARANTINE, StoredObject
 
 _TMP_MARK = ".tmp-"
 _MODE = 0o640
@@ -148,6 +148,23 @@ class LocalStore:
         except OSError as exc:
             raise _unavailable("delete", exc) from exc
 
+    def exists(self, key: str) -> bool:
+        try:
+            return self._path(key).is_file()
+        except OSError as exc:
+            raise _unavailable("stat", exc) from exc
+
+    def quarantine(self, key: str) -> None:
+        source = self._path(key)
+        target = self.base / QUARANTINE / key
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+        except FileNotFoundError:
+            return  # gone meanwhile: nothing to keep
+        except OSError as exc:
+            raise _unavailable("quarantine", exc) from exc
+
     def check(self) -> None:
         if not self.base.is_dir():
             raise StoreUnavailable(f"message store: {self.base} does not exist")
@@ -159,6 +176,7 @@ class LocalStore:
                 raise StoreUnavailable(f"message store: only {free} bytes free in {self.base}")
 
     def iter_objects(self) -> Iterator[StoredObject]:
+        quarantine = str(self.base / QUARANTINE)
         stack = [self.base]
         while stack:
             directory = stack.pop()
@@ -168,7 +186,8 @@ class LocalStore:
                 continue
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
+                    if entry.path != quarantine:
+                        stack.append(Path(entry.path))
                 elif entry.is_file(follow_symlinks=False):
                     try:
                         st = entry.stat(follow_symlinks=False)

@@ -19,7 +19,7 @@ import botocore.config
 import botocore.exceptions
 
 from smtpproxy.errors import BodyNotFound, StoreUnavailable
-from smtpproxy.store.base import StoredObject
+from smtpproxy.store.base import QUARANTINE, StoredObject
 
 _ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
@@ -119,6 +119,34 @@ class S3Store:
                 f"message store: S3 DeleteObject failed ({_reason(exc)})"
             ) from exc
 
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StoreUnavailable(f"message store: S3 HeadObject failed ({_reason(exc)})") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreUnavailable(f"message store: S3 HeadObject failed ({_reason(exc)})") from exc
+        return True
+
+    def quarantine(self, key: str) -> None:
+        try:
+            self._client.copy_object(
+                Bucket=self.bucket,
+                Key=self._key(f"{QUARANTINE}/{key}"),
+                CopySource={"Bucket": self.bucket, "Key": self._key(key)},
+            )
+        except self._client.exceptions.NoSuchKey:
+            return
+        except _ERRORS as exc:
+            if isinstance(exc, botocore.exceptions.ClientError) and exc.response.get(
+                "Error", {}
+            ).get("Code") in ("404", "NoSuchKey"):
+                return
+            raise StoreUnavailable(f"message store: S3 CopyObject failed ({_reason(exc)})") from exc
+        self.delete(key)
+
     def check(self) -> None:
         try:
             self._client.head_bucket(Bucket=self.bucket)
@@ -133,8 +161,8 @@ class S3Store:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for obj in page.get("Contents", []):
                     key = obj["Key"][len(self.prefix) :]
-                    if not key or key.endswith("/"):
-                        continue  # a "folder" marker some tools create, not a body
+                    if not key or key.endswith("/") or key.startswith(f"{QUARANTINE}/"):
+                        continue  # a "folder" marker some tools create, or quarantined
                     yield StoredObject(key, int(obj["Size"]), obj["LastModified"].timestamp())
         except _ERRORS as exc:
             raise StoreUnavailable(f"message store: S3 listing failed ({_reason(exc)})") from exc
