@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from smtpproxy.ids import new_message_id
 from smtpproxy.store import MessageStore, key_for, open_store
 from smtpproxy.store.local import LocalStore
 from smtpproxy.store.s3 import S3Store
+from tests.support.mounts import TMPFS_SIZE, remount_read_only, small_tmpfs
 from tests.support.s3 import MotoS3
 
 PREFIX = "msgs/"
@@ -405,30 +405,12 @@ def test_local_keys_cannot_escape_the_base_directory(tmp_path: Path, key: str) -
 
 # -- local files on a small tmpfs: full and read-only ------------------------------------
 
-TMPFS_SIZE = 256 * 1024
-
-
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False)
-
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A fresh 256 KiB tmpfs mounted for this test, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs (full / read-only disk tests)")
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot make a small tmpfs")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    done = _run("mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mnt))
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
+    with small_tmpfs(tmp_path) as mnt:
         yield mnt
-    finally:
-        done = _run("umount", str(mnt))
-        assert done.returncode == 0, f"umount {mnt}: {done.stderr}"
 
 
 def _bodies_too_big_for_tmpfs() -> list[tuple[str, bytes]]:
@@ -478,9 +460,7 @@ def test_local_read_only_disk_is_unavailable(tmpfs: Path) -> None:
     """Read-only disk: writes, deletes and check() raise StoreUnavailable; reads still work."""
     store = LocalStore(tmpfs / "store")
     store.put("ab/cd/old.eml", MAIL)
-    done = _run("mount", "-o", "remount,ro", str(tmpfs))
-    if done.returncode != 0:
-        pytest.skip(f"cannot remount the tmpfs read-only: {done.stderr.strip()}")
+    remount_read_only(tmpfs)
     with pytest.raises(StoreUnavailable, match="EROFS"):
         store.put("ab/cd/new.eml", b"new")  # directory exists already
     with pytest.raises(StoreUnavailable, match="EROFS"):

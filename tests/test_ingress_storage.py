@@ -1,0 +1,170 @@
+"""What SMTP clients see when the message store fails: 451, never a crash or a 5xx,
+and readiness reports the store; on S3 as on local disk."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+
+from smtpproxy.config import Config
+from smtpproxy.service import Running, serve
+from tests.conftest import make_config
+from tests.support import smtp
+from tests.support.mounts import remount_read_only, small_tmpfs
+from tests.support.s3 import MotoS3
+
+run = trio.to_thread.run_sync
+
+
+def readiness(port: int) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+async def start(nursery: trio.Nursery, cfg: Config) -> tuple[Running, trio.Event]:
+    stop = trio.Event()
+    return await nursery.start(serve, cfg, stop), stop
+
+
+async def send(running: Running, password: str, size: int = 0) -> tuple[int, bytes]:
+    data = smtp.message(body="x" * size + "\n" if size else "hello\n")
+    return await run(lambda: smtp.send(running.smtp[0][1], "app", password, data))
+
+
+def count(pg_url: str) -> int:
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM messages WHERE status <> 'enqueue_failed'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with small_tmpfs(tmp_path, size=512 * 1024) as mnt:
+        yield mnt
+
+
+async def test_full_disk_means_451_and_not_ready(
+    tmpfs: Path,
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    nursery: trio.Nursery,
+) -> None:
+    """When the store's disk fills up, clients get 451 (no crash, no 5xx), no row is
+    written for the refused message, and /readyz names the store."""
+    cfg = make_config(
+        tmp_path,
+        pg_url,
+        redis_url,
+        key_prefix,
+        storage={"path": str(tmpfs / "messages")},
+        smtp={"max_message_size": "128KiB"},
+    )
+    running, stop = await start(nursery, cfg)
+    assert running.health is not None
+    codes = []
+    with trio.fail_after(60):
+        for _ in range(8):  # 8 x ~100 KiB into 512 KiB
+            code, _ = await send(running, account["password"], size=100 * 1024)
+            codes.append(code)
+        await trio.sleep(1.1)  # past the readiness cache
+        status, body = await run(lambda: readiness(running.health[1]))
+    stop.set()
+    assert 250 in codes and 451 in codes
+    assert set(codes) == {250, 451}
+    assert count(pg_url) == codes.count(250)
+    assert status == 503 and body["failing"] == ["store"]
+
+
+async def test_read_only_disk_means_451(
+    tmpfs: Path,
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    nursery: trio.Nursery,
+) -> None:
+    """A store directory on a file system remounted read-only gets 451 and readiness 503."""
+    cfg = make_config(tmp_path, pg_url, redis_url, key_prefix, storage={"path": str(tmpfs / "m")})
+    running, stop = await start(nursery, cfg)
+    assert running.health is not None
+    remount_read_only(tmpfs)
+    with trio.fail_after(30):
+        code, reply = await send(running, account["password"])
+        await trio.sleep(1.1)
+        status, body = await run(lambda: readiness(running.health[1]))
+    stop.set()
+    assert code == 451 and b"4.3.0" in reply
+    assert status == 503 and body["failing"] == ["store"]
+    assert count(pg_url) == 0
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoS3]:
+    with MotoS3() as s3:
+        yield s3
+
+
+async def test_s3_store_accepts_and_delivers(
+    moto: MotoS3,
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With storage.type = "s3" the body lands in the bucket before the 250, delivery reads
+    it back, and when the bucket goes away clients get 451."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = moto.new_bucket()
+    cfg = make_config(
+        tmp_path,
+        pg_url,
+        redis_url,
+        key_prefix,
+        storage={
+            "type": "s3",
+            "s3_bucket": bucket,
+            "s3_prefix": "mail",
+            "s3_endpoint": moto.endpoint,
+            "s3_region": "us-east-1",
+            "s3_access_key_id": "testing",
+            "s3_secret_access_key": "testing",
+        },
+        delivery={"default_route": "outbox"},
+    )
+    running, stop = await start(nursery, cfg)
+    with trio.fail_after(60):
+        code, reply = await send(running, account["password"])
+        assert code == 250
+        mid = smtp.queued_id(reply)
+        keys = [o["Key"] for o in moto.s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert any(k.startswith("mail/") and k.endswith(f"{mid}.eml") for k in keys)
+        while not (tmp_path / "outbox" / f"{mid}.eml").exists():
+            await trio.sleep(0.05)
+        moto.drop_bucket(bucket)
+        code, reply = await send(running, account["password"])
+    stop.set()
+    assert code == 451 and b"4.3.0" in reply
