@@ -165,9 +165,9 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture
 def account(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     """Tenant 'acme' with account 'app' (password PASSWORD, sender domain example.com)."""
-    admin.add_tenant(conn, "acme")
+    tid = admin.add_tenant(conn, "acme")
     aid = admin.add_account(conn, "app", "acme", hash_password(PASSWORD), ["example.com"])
-    return {"id": aid, "username": "app", "password": PASSWORD, "tenant": "acme"}
+    return {"id": aid, "username": "app", "password": PASSWORD, "tenant": "acme", "tenant_id": tid}
 
 
 class Service:

@@ -307,5 +307,9 @@ async def test_reconciler_rebuilds_lost_stream_entries(
     finally:
         res.close()
     assert (result.problems, result.repaired) == (1, 1)
-    ids = sorted(f["id"] for _, f in stream_entries(redis_url, f"{key_prefix}:deliver"))
+    ids = sorted(
+        f["id"]
+        for key in (f"{key_prefix}:deliver", f"{key_prefix}:deliver:{account['tenant_id']}")
+        for _, f in stream_entries(redis_url, key)
+    )
     assert ids == ["01LOSTENTRY000000000000000", "01ONSTREAM0000000000000000"]

@@ -65,6 +65,41 @@ class Claimed:
         )
 
 
+class StreamRotation:
+    """Which streams a read asks for: every tenant's (plus the legacy stream), a fair
+    share of the free slots each; with more streams than slots, a moving window. The
+    list of streams is refreshed every few seconds and new ones get their group."""
+
+    REFRESH = 2.0
+
+    def __init__(self, res: Resources, streams: Streams) -> None:
+        self._res = res
+        self._streams = streams
+        self._known: list[str] = []
+        self._refreshed = -self.REFRESH
+        self._offset = 0
+
+    async def all(self) -> list[str]:
+        if time.monotonic() - self._refreshed >= self.REFRESH:
+            current = await self._res.redis_offload(self._streams.all_streams)
+            new = sorted(set(current) - set(self._known))
+            if new:
+                await self._res.redis_offload(self._streams.ensure_groups, new)
+            self._known = current
+            self._refreshed = time.monotonic()
+        return self._known
+
+    async def window(self, free: int) -> tuple[list[str], int]:
+        """(streams to read, entries per stream) for `free` slots."""
+        streams = await self.all()
+        if len(streams) <= free:
+            return streams, max(1, free // len(streams))
+        start = self._offset % len(streams)
+        self._offset = start + free
+        rotated = streams[start:] + streams[:start]
+        return rotated[:free], 1
+
+
 @attrs.define
 class DirectoryHolder:
     """The current routing snapshot; replaced by the reload task."""
@@ -97,12 +132,11 @@ class Consumer:
 
     # -- the loop ----------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        res = self._res
         log = logger.bind(consumer=self.name)
+        streams = StreamRotation(self._res, self._streams)
         next_reclaim = 0.0
         async with trio.open_nursery() as nursery:
             task_status.started()
-            await self._ensure_group(log)
             while not self.stopping:
                 await self._slots.acquire()
                 free = self._slots.value + 1
@@ -110,15 +144,12 @@ class Consumer:
                     entries: list[Entry] = []
                     if time.monotonic() >= next_reclaim:
                         next_reclaim = time.monotonic() + max(self._visibility / 4, 1)
-                        entries = await res.redis_offload(
-                            self._streams.claim_stale, self.name, int(self._visibility * 1000), free
-                        )
-                        for e in entries:
-                            log.bind(message_id=e.fields.get("id")).warning(
-                                "reclaimed a stream entry left by another consumer"
-                            )
+                        entries = await self._reclaim(await streams.all(), free, log)
                     if not entries:
-                        entries = await res.redis_offload(self._streams.read, self.name, free, 1000)
+                        window, per_stream = await streams.window(free)
+                        entries = await self._res.redis_offload(
+                            self._streams.read, self.name, window, per_stream, 1000
+                        )
                 except QueueUnavailable as exc:
                     self._slots.release()
                     log.warning("stream read failed, retrying in 1 s: {}", exc)
@@ -137,17 +168,15 @@ class Consumer:
             await self.wait_idle()
             await trio.sleep_forever()
 
-    async def _ensure_group(self, log: Any) -> None:
-        delay = 0.5
-        while True:
-            try:
-                await self._res.redis_offload(self._streams.ensure_group)
-            except QueueUnavailable as exc:
-                log.warning("waiting for Redis ({}); retrying in {:.1f} s", exc, delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 10)
-            else:
-                return
+    async def _reclaim(self, streams: list[str], count: int, log: Any) -> list[Entry]:
+        entries: list[Entry] = await self._res.redis_offload(
+            self._streams.claim_stale, self.name, streams, int(self._visibility * 1000), count
+        )
+        for e in entries:
+            log.bind(message_id=e.fields.get("id")).warning(
+                "reclaimed a stream entry left by another consumer"
+            )
+        return entries
 
     async def _process_slot(self, entry: Entry) -> None:
         self.in_flight += 1
@@ -420,7 +449,7 @@ class Consumer:
 
     async def _finish(self, entry: Entry) -> None:
         try:
-            await self._res.redis_offload(self._streams.finish, [entry.entry_id])
+            await self._res.redis_offload(self._streams.finish, [entry])
         except QueueUnavailable as exc:
             # the entry stays pending; after the visibility timeout it is reclaimed and
             # skipped, because the message is no longer claimable

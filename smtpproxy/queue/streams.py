@@ -26,6 +26,7 @@ GROUP = "delivery"
 
 @attrs.frozen
 class Entry:
+    stream: str
     entry_id: str
     fields: Mapping[str, str]
 
@@ -74,30 +75,56 @@ def connect(url: str, *, socket_timeout: float = 5.0) -> redis.Redis:
     )
 
 
-def _decode(raw: Sequence[tuple[str, Mapping[str, str]] | None]) -> list[Entry]:
+def _decode(stream: str, raw: Sequence[tuple[str, Mapping[str, str]] | None]) -> list[Entry]:
     # XAUTOCLAIM reports entries deleted meanwhile as None (Redis 7)
-    return [Entry(eid, dict(fields)) for item in raw if item for eid, fields in [item]]
+    return [Entry(stream, eid, dict(fields)) for item in raw if item for eid, fields in [item]]
+
+
+def _busy_group(exc: redis.ResponseError) -> bool:
+    return "BUSYGROUP" in str(exc)
+
+
+def _no_group(exc: redis.ResponseError) -> bool:
+    return "NOGROUP" in str(exc)
 
 
 class Streams:
-    """Key names and operations of one smtpproxy installation (one key prefix)."""
+    """Key names and operations of one smtpproxy installation (one key prefix).
+
+    Each tenant has its own stream (`<prefix>:deliver:<tenant id>`), listed in the set
+    `<prefix>:streams`; consumers read a few entries from each in turn, so one tenant's
+    backlog cannot starve the others, and each tenant's mail stays in order. The
+    original single stream `<prefix>:deliver` is still read, for legacy entries.
+    """
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         # redis-py's annotations are unions of every reply type; our methods give the
         # typed view, so the client itself is used untyped
         self.client: Any = client
         self.prefix = prefix
-        self.stream = f"{prefix}:deliver"
+        self.legacy = f"{prefix}:deliver"
+        self.registry = f"{prefix}:streams"
         self.dead_letters = f"{prefix}:dlq"
 
+    def stream_for(self, tenant_id: int | str) -> str:
+        return f"{self.prefix}:deliver:{tenant_id}"
+
     # -- setup -------------------------------------------------------------------
-    def ensure_group(self) -> None:
+    def ensure_groups(self, streams: Sequence[str]) -> None:
+        """Create the consumer group on each stream (and the stream) if missing."""
         with mapped_errors():
-            try:
-                self.client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            for stream in streams:
+                try:
+                    self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                except redis.ResponseError as exc:
+                    if not _busy_group(exc):
+                        raise
+
+    def all_streams(self) -> list[str]:
+        """The legacy stream and every tenant stream, in a stable order."""
+        with mapped_errors():
+            tenants = self.client.smembers(self.registry)
+        return [self.legacy, *sorted(self.stream_for(t) for t in tenants)]
 
     def ping(self) -> None:
         with mapped_errors():
@@ -105,12 +132,16 @@ class Streams:
 
     # -- producers ---------------------------------------------------------------
     def add_many(self, items: Sequence[Mapping[str, str]]) -> list[str]:
-        """XADD every item in one round trip; returns the entry ids."""
+        """XADD every item to its tenant's stream in one round trip; returns entry ids."""
+        if not items:
+            return []
         with mapped_errors():
             pipe = self.client.pipeline(transaction=False)
+            tenants = sorted({fields["tenant_id"] for fields in items})
+            pipe.sadd(self.registry, *tenants)
             for fields in items:
-                pipe.xadd(self.stream, dict(fields))
-            return [str(r) for r in pipe.execute()]
+                pipe.xadd(self.stream_for(fields["tenant_id"]), dict(fields))
+            return [str(r) for r in pipe.execute()[1:]]
 
     def add_dead_letter(self, fields: Mapping[str, str], maxlen: int = 1_000_000) -> str:
         with mapped_errors():
@@ -119,79 +150,99 @@ class Streams:
             )
 
     # -- consumers ---------------------------------------------------------------
-    def read(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        """New entries for this consumer (XREADGROUP >), waiting up to block_ms."""
+    def read(self, consumer: str, streams: Sequence[str], count: int, block_ms: int) -> list[Entry]:
+        """New entries for this consumer (XREADGROUP >): up to `count` from each stream,
+        waiting up to block_ms for the first."""
+        if not streams:
+            return []
         with mapped_errors():
             try:
                 reply = self.client.xreadgroup(
-                    GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms
+                    GROUP, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
                 )
             except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not _no_group(exc):
                     raise
-                # the stream or group vanished (Redis restarted empty, or someone
-                # deleted it): recreate it; the reconciler re-enqueues from PostgreSQL
-                self.ensure_group()
+                # a stream or its group vanished (Redis restarted empty, or someone
+                # deleted it): recreate them; the reconciler re-enqueues from PostgreSQL
+                self.ensure_groups(streams)
                 return []
         entries: list[Entry] = []
-        for _stream, items in reply or []:
-            entries.extend(_decode(items))
+        for stream, items in reply or []:
+            entries.extend(_decode(stream, items))
         return entries
 
-    def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
-        """Take over entries another consumer read but did not finish within min_idle_ms."""
+    def claim_stale(
+        self, consumer: str, streams: Sequence[str], min_idle_ms: int, count: int
+    ) -> list[Entry]:
+        """Take over entries other consumers read but did not finish within min_idle_ms."""
+        entries: list[Entry] = []
         with mapped_errors():
-            try:
-                reply = self.client.xautoclaim(
-                    self.stream, GROUP, consumer, min_idle_time=min_idle_ms, count=count
-                )
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self.ensure_group()
-                return []
-        return _decode(reply[1])
+            for stream in streams:
+                try:
+                    reply = self.client.xautoclaim(
+                        stream, GROUP, consumer, min_idle_time=min_idle_ms, count=count
+                    )
+                except redis.ResponseError as exc:
+                    if not _no_group(exc):
+                        raise
+                    self.ensure_groups([stream])
+                    continue
+                entries.extend(_decode(stream, reply[1]))
+                if len(entries) >= count:
+                    break
+        return entries[:count] if len(entries) > count else entries
 
-    def finish(self, entry_ids: Sequence[str]) -> None:
+    def finish(self, entries: Sequence[Entry]) -> None:
         """Acknowledge and delete finished entries."""
-        if not entry_ids:
+        if not entries:
             return
+        by_stream: dict[str, list[str]] = {}
+        for e in entries:
+            by_stream.setdefault(e.stream, []).append(e.entry_id)
         with mapped_errors():
             pipe = self.client.pipeline(transaction=False)
-            pipe.xack(self.stream, GROUP, *entry_ids)
-            pipe.xdel(self.stream, *entry_ids)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, GROUP, *ids)
+                pipe.xdel(stream, *ids)
             pipe.execute()
 
     # -- inspection --------------------------------------------------------------
     def length(self) -> int:
+        """Entries not yet finished, over every stream."""
+        streams = self.all_streams()
         with mapped_errors():
-            return int(self.client.xlen(self.stream))
+            pipe = self.client.pipeline(transaction=False)
+            for stream in streams:
+                pipe.xlen(stream)
+            return sum(int(n) for n in pipe.execute())
 
-    def pending(self) -> PendingInfo:
+    def pending(self, stream: str) -> PendingInfo:
         with mapped_errors():
             try:
-                info = self.client.xpending(self.stream, GROUP)
+                info = self.client.xpending(stream, GROUP)
             except redis.ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                if _no_group(exc):
                     return PendingInfo(0, {})
                 raise
         consumers = {str(c["name"]): int(c["pending"]) for c in info.get("consumers") or []}
         return PendingInfo(int(info.get("pending") or 0), consumers)
 
     def queued_message_ids(self, page: int = 1000) -> Iterator[str]:
-        """The message id of every entry still on the stream (pending ones included)."""
-        start = "-"
-        while True:
-            with mapped_errors():
-                batch = self.client.xrange(self.stream, min=start, max="+", count=page)
-            if not batch:
-                return
-            for _eid, fields in batch:
-                mid = fields.get("id")
-                if mid:
-                    yield mid
-            last = batch[-1][0]
-            ms, _, seq = last.partition("-")
-            start = f"{ms}-{int(seq) + 1}"
-            if len(batch) < page:
-                return
+        """The message id of every entry still on any stream (pending ones included)."""
+        for stream in self.all_streams():
+            start = "-"
+            while True:
+                with mapped_errors():
+                    batch = self.client.xrange(stream, min=start, max="+", count=page)
+                if not batch:
+                    break
+                for _eid, fields in batch:
+                    mid = fields.get("id")
+                    if mid:
+                        yield mid
+                last = batch[-1][0]
+                ms, _, seq = last.partition("-")
+                start = f"{ms}-{int(seq) + 1}"
+                if len(batch) < page:
+                    break
