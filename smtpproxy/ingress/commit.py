@@ -75,6 +75,7 @@ class Committer:
         self._loop = loop
         self._max = res.cfg.smtp.commit_batch_max
         self._delays = res.cfg.smtp.enqueue_retry_delays
+        self._duplicate_window = res.cfg.smtp.duplicate_window
         self.batches = 0
         self.messages = 0
 
@@ -99,15 +100,33 @@ class Committer:
         except StoreUnavailable as exc:
             logger.error("message store failed; {} messages answered 451: {}", len(subs), exc)
             return [replies.TEMPFAIL_STORAGE] * len(subs)
+        params = [*row_columns(subs), self._duplicate_window]
         try:
-            await res.db.run(lambda conn: conn.execute(Q.insert_messages, row_columns(subs)))
+            rows = await res.db.run(lambda conn: conn.execute(Q.insert_messages, params).fetchall())
         except (DatabaseUnavailable, psycopg.Error) as exc:
             logger.error("database insert failed; {} messages answered 451: {}", len(subs), exc)
             await self._remove_bodies(keys)
             return [replies.TEMPFAIL] * len(subs)
-        if await self._enqueue(subs):
-            return [replies.QUEUED.format(id=s.message_id) for s in subs]
-        return await self._undo_enqueue(subs)
+        originals = {str(new): str(old) for new, old in rows}
+        if originals:
+            await self._forget_duplicates(subs, originals)
+        fresh = [s for s in subs if s.message_id not in originals]
+        answers = {s.message_id: replies.QUEUED.format(id=s.message_id) for s in fresh}
+        if fresh and not await self._enqueue(fresh):
+            answers = dict(zip(answers, await self._undo_enqueue(fresh), strict=True))
+        return [
+            answers.get(s.message_id) or replies.QUEUED.format(id=originals[s.message_id])
+            for s in subs
+        ]
+
+    async def _forget_duplicates(self, subs: list[Submission], originals: dict[str, str]) -> None:
+        """A resubmission is answered with the original's id; its own copy of the body goes."""
+        dups = [s for s in subs if s.message_id in originals]
+        for s in dups:
+            logger.bind(message_id=originals[s.message_id], account=s.account.username).info(
+                "duplicate submission (same Message-ID and body): answered with the original id"
+            )
+        await self._remove_bodies([s.storage_key for s in dups])
 
     async def _enqueue(self, subs: list[Submission]) -> bool:
         res = self._res

@@ -1,18 +1,38 @@
 -- Statements on messages and delivery_logs used by ingress, delivery and the scheduler.
 
 -- name: insert_messages
-INSERT INTO messages (
-    id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
-    header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status)
-SELECT u.id, u.tenant_id, u.account_id, u.mail_from,
-       ARRAY(SELECT jsonb_array_elements_text(u.rcpt_to)), u.subject, u.header_message_id,
-       u.header_from, u.header_to, u.header_cc, u.size, u.sha256, u.storage_key, u.client_ip,
-       'queued'
-FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::jsonb[], %s::text[],
-            %s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[],
-            %s::text[])
-     AS u(id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
-          header_from, header_to, header_cc, size, sha256, storage_key, client_ip)
+-- One statement per batch. A submission whose account, header Message-ID and body hash
+-- match a message accepted within the duplicate window (a client re-sending after a lost
+-- 250) is not inserted: the statement returns it with the original's id instead.
+WITH input AS (
+    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::jsonb[],
+                         %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+                         %s::int[], %s::text[], %s::text[], %s::text[])
+        AS u(id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
+             header_from, header_to, header_cc, size, sha256, storage_key, client_ip)
+),
+dups AS (
+    SELECT DISTINCT ON (i.id) i.id AS new_id, m.id AS original_id
+    FROM input i
+    JOIN messages m ON m.account_id = i.account_id
+                   AND m.header_message_id = i.header_message_id
+                   AND m.sha256 = i.sha256
+    WHERE i.header_message_id <> ''
+      AND m.created_at > now() - make_interval(secs => %s)
+      AND m.status <> 'enqueue_failed' AND m.parent_id IS NULL
+    ORDER BY i.id, m.created_at
+),
+inserted AS (
+    INSERT INTO messages (
+        id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
+        header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status)
+    SELECT i.id, i.tenant_id, i.account_id, i.mail_from,
+           ARRAY(SELECT jsonb_array_elements_text(i.rcpt_to)), i.subject, i.header_message_id,
+           i.header_from, i.header_to, i.header_cc, i.size, i.sha256, i.storage_key, i.client_ip,
+           'queued'
+    FROM input i WHERE i.id NOT IN (SELECT new_id FROM dups)
+)
+SELECT new_id, original_id FROM dups
 
 -- name: mark_enqueue_failed
 -- Only rows still queued: one a consumer already claimed is in flight, and its client
