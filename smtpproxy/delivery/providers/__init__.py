@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from smtpproxy.delivery.providers import file, sendgrid
+from smtpproxy.delivery.providers import file, mailgun, msgraph, postmark, sendgrid, ses, smtp
 from smtpproxy.delivery.providers.base import (
     Delivery,
     Provider,
@@ -11,7 +11,18 @@ from smtpproxy.delivery.providers.base import (
     ProviderType,
 )
 
-TYPES: dict[str, ProviderType] = {t.name: t for t in (file.TYPE, sendgrid.TYPE)}
+TYPES: dict[str, ProviderType] = {
+    t.name: t
+    for t in (
+        file.TYPE,
+        sendgrid.TYPE,
+        ses.TYPE,
+        mailgun.TYPE,
+        msgraph.TYPE,
+        postmark.TYPE,
+        smtp.TYPE,
+    )
+}
 
 __all__ = [
     "TYPES",

@@ -1,0 +1,716 @@
+"""SES provider: the request builder against botocore's SendEmail model, the error
+classifier on constructed botocore errors, and send() over real sockets: to moto's SES
+in server mode (what SES recorded), to a scripted SES endpoint in this module (the exact
+request on the wire, throttling and server errors), and to ports that refuse or stall.
+
+Every AWS setting in the environment is replaced by dummies and AWS_ENDPOINT_URL points
+at a closed port, so no test can reach a real AWS endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+import socket
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.policy import SMTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import pytest
+import trio
+from botocore.model import ServiceModel
+from botocore.validate import ParamValidator
+from moto.core.models import DEFAULT_ACCOUNT_ID
+from moto.server import ThreadedMotoServer
+from moto.ses.models import ses_backends
+
+from smtpproxy.delivery.providers.base import Delivery, ProviderConfigError, ProviderSpec
+from smtpproxy.delivery.providers.ses import (
+    MAX_MESSAGE_BYTES,
+    MAX_RECIPIENTS,
+    TYPE,
+    RequestError,
+    SesProvider,
+    build_request,
+    classify,
+)
+from smtpproxy.models import OutcomeKind
+
+REGION = "us-east-1"
+ACCESS_KEY = "AKIATESTINGSMTPPROXY"
+SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY"  # a dummy; moto takes any
+SENDER = "alice@example.com"
+SPEC_PATH = (
+    Path(__file__).resolve().parent.parent / "provider_specs" / "sesv2_send_email.botocore.json"
+)
+SES_MODEL = ServiceModel(json.loads(SPEC_PATH.read_text(encoding="utf-8")), "sesv2")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def _no_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dummy AWS settings: whatever boto3 would pick up from the environment leads nowhere."""
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+def message(
+    *, sender: str = f"Alice <{SENDER}>", to: str = "Bob <bob@example.org>", text: str = "Hi\n"
+) -> EmailMessage:
+    m = EmailMessage()
+    m["From"] = sender
+    m["To"] = to
+    m["Subject"] = "Grüße from smtpproxy"
+    m.set_content(text)
+    return m
+
+
+def wire(m: EmailMessage) -> bytes:
+    """The message as an SMTP client sends it (CRLF line ends)."""
+    return m.as_bytes(policy=SMTP)
+
+
+def rich_body() -> bytes:
+    """CRLF, 8-bit UTF-8 text, a leading dot, trailing spaces and a binary attachment."""
+    m = message(text="Grüße, Bob\n.leading dot\ntrailing spaces   \n")
+    m.replace_header("Content-Transfer-Encoding", "8bit")
+    m.add_attachment(bytes(range(256)) * 8, maintype="application", subtype="octet-stream")
+    body = wire(m)
+    assert b"\r\n" in body
+    assert "Grüße".encode() in body
+    return body
+
+
+def delivery(body: bytes | None = None, *recipients: str, mail_from: str = SENDER) -> Delivery:
+    return Delivery(
+        message_id="msg-1",
+        tenant_id=1,
+        account_id=1,
+        mail_from=mail_from,
+        recipients=recipients or ("bob@example.org",),
+        body=body if body is not None else wire(message()),
+    )
+
+
+def spec(endpoint: str | None, *, secret: str | None = SECRET_KEY, **settings: Any) -> ProviderSpec:
+    settings.setdefault("region", REGION)
+    if secret is not None:
+        settings.setdefault("access_key_id", ACCESS_KEY)
+    return ProviderSpec(
+        name="ses1", type="ses", endpoint=endpoint, secret=secret, settings=settings
+    )
+
+
+@asynccontextmanager
+async def ses(endpoint: str | None, **kwargs: Any) -> AsyncIterator[SesProvider]:
+    provider = SesProvider(spec(endpoint, **kwargs))
+    try:
+        yield provider
+    finally:
+        await provider.aclose()
+
+
+def model_problems(params: dict[str, Any]) -> str:
+    """botocore's report on params against SendEmail's input shape ("" when valid)."""
+    shape = SES_MODEL.operation_model("SendEmail").input_shape
+    assert shape is not None
+    report = ParamValidator().validate(params, shape)
+    return str(report.generate_report()) if report.has_errors() else ""
+
+
+# ---------------------------------------------------------------------------- moto
+
+
+class MotoSES:
+    """moto's SES v2 in server mode on 127.0.0.1, with SENDER verified."""
+
+    def __init__(self) -> None:
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.endpoint = ""
+
+    def __enter__(self) -> MotoSES:
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        client = boto3.session.Session(
+            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
+        ).client(
+            "sesv2",
+            endpoint_url=self.endpoint,
+            config=botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1}),
+        )
+        try:
+            client.create_email_identity(EmailIdentity=SENDER)
+        except BaseException:
+            self._server.stop()
+            raise
+        finally:
+            client.close()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._server.stop()
+
+    @staticmethod
+    def sent() -> list[Any]:
+        """Every message moto's SES backend accepted (shared by the moto servers in this
+        process, so tests look theirs up by message id)."""
+        return list(ses_backends[DEFAULT_ACCOUNT_ID][REGION].sent_messages)
+
+    def sent_by_id(self, message_id: str | None) -> Any:
+        [found] = [m for m in self.sent() if m.id == message_id]
+        return found
+
+
+@pytest.fixture(scope="module")
+def moto_ses() -> Iterator[MotoSES]:
+    with MotoSES() as server:
+        yield server
+
+
+# ---------------------------------------------------------------------------- scripted endpoint
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class ScriptedSES:
+    """SES's REST-JSON SendEmail endpoint on 127.0.0.1: records each request and gives
+    the next scripted answer, or 200 with a fresh MessageId."""
+
+    requests: list[Seen] = field(default_factory=list)
+    answers: collections.deque[tuple[int, dict[str, Any], dict[str, str]]] = field(
+        default_factory=collections.deque
+    )
+    _server: ThreadingHTTPServer | None = None
+
+    def fail_with(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Answer the next request with an AWS REST-JSON error."""
+        self.answers.append(
+            (status, {"message": message}, {"x-amzn-ErrorType": code, **(headers or {})})
+        )
+
+    def __enter__(self) -> ScriptedSES:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.requests.append(
+                    Seen(
+                        self.command,
+                        self.path,
+                        {k.lower(): v for k, v in self.headers.items()},
+                        json.loads(raw or b"{}"),
+                    )
+                )
+                status, body, headers = (
+                    outer.answers.popleft()
+                    if outer.answers
+                    else (200, {"MessageId": f"ses-{uuid.uuid4()}"}, {})
+                )
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+
+# ---------------------------------------------------------------------------- build_request
+
+
+def test_build_request_is_valid_sendemail_input_with_exact_bytes() -> None:
+    """The request satisfies botocore's SendEmail model and carries the body object itself."""
+    d = delivery(rich_body(), "bob@example.org", "carol@example.net", "dave@example.net")
+    params = build_request(d, configuration_set="transactional")
+    assert model_problems(params) == ""
+    assert params["Content"]["Raw"]["Data"] is d.body
+    assert params["Destination"] == {
+        "ToAddresses": ["bob@example.org", "carol@example.net", "dave@example.net"]
+    }
+    assert params["FromEmailAddress"] == SENDER
+    assert params["ConfigurationSetName"] == "transactional"
+    assert set(params) == {"Content", "Destination", "FromEmailAddress", "ConfigurationSetName"}
+
+
+def test_build_request_null_sender_omits_from_email_address() -> None:
+    """With the null sender <> SES is left to read the From header: no FromEmailAddress."""
+    params = build_request(delivery(mail_from=""))
+    assert "FromEmailAddress" not in params
+    assert "ConfigurationSetName" not in params
+    assert model_problems(params) == ""
+
+
+def test_build_request_lists_each_recipient_once() -> None:
+    """Recipients differing only in case are one destination, in envelope order."""
+    params = build_request(
+        delivery(None, "bob@example.org", "carol@example.net", "BOB@example.org")
+    )
+    assert params["Destination"]["ToAddresses"] == ["BOB@example.org", "carol@example.net"]
+
+
+def test_build_request_sends_international_domains_in_punycode() -> None:
+    """SES takes no SMTPUTF8: a non-ASCII domain is sent as its Punycode form."""
+    params = build_request(delivery(None, "bob@bücher.example", mail_from="alice@bücher.example"))
+    assert params["Destination"]["ToAddresses"] == ["bob@xn--bcher-kva.example"]
+    assert params["FromEmailAddress"] == "alice@xn--bcher-kva.example"
+
+
+def test_build_request_refuses_non_ascii_local_part() -> None:
+    """A non-ASCII local part cannot be sent through SES at all."""
+    with pytest.raises(RequestError, match="SMTPUTF8"):
+        build_request(delivery(None, "jörg@example.org"))
+
+
+def test_build_request_takes_50_recipients_and_refuses_51() -> None:
+    """50 recipients is SES's limit per message; 51 raise RequestError."""
+    fifty = [f"r{i}@example.org" for i in range(MAX_RECIPIENTS)]
+    assert len(build_request(delivery(None, *fifty))["Destination"]["ToAddresses"]) == 50
+    with pytest.raises(RequestError, match="more than 50 recipients"):
+        build_request(delivery(None, *fifty, "one-more@example.org"))
+
+
+def test_build_request_size_limit_is_inclusive() -> None:
+    """A body of exactly max_message_bytes is sent; one byte more raises RequestError."""
+    body = wire(message()).ljust(2000, b"x")
+    assert build_request(delivery(body), max_message_bytes=2000)
+    with pytest.raises(RequestError, match="over the 1999-byte limit"):
+        build_request(delivery(body), max_message_bytes=1999)
+
+
+def test_type_declares_ses_limits() -> None:
+    """The provider type names SES's documented limits: 50 recipients, 40 MB."""
+    assert (TYPE.name, TYPE.max_recipients, TYPE.max_message_bytes) == ("ses", 50, 40_000_000)
+    assert MAX_MESSAGE_BYTES == 40_000_000
+    assert not TYPE.secret_required
+
+
+# ---------------------------------------------------------------------------- classify
+
+
+def client_error(
+    code: str, status: int, message: str = "", headers: Mapping[str, str] | None = None
+) -> botocore.exceptions.ClientError:
+    """A ClientError as botocore raises it for an SES error answer."""
+    response: Any = {
+        "Error": {"Code": code, "Message": message},
+        "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": dict(headers or {})},
+    }
+    return botocore.exceptions.ClientError(response, "SendEmail")
+
+
+PERMANENT = OutcomeKind.PERMANENT
+RETRY = OutcomeKind.RETRY
+CODES = [
+    ("MessageRejected", 400, PERMANENT),
+    ("MailFromDomainNotVerifiedException", 400, PERMANENT),
+    ("AccountSuspendedException", 400, PERMANENT),
+    ("SendingPausedException", 400, RETRY),
+    ("BadRequestException", 400, PERMANENT),
+    ("InvalidParameterValue", 400, PERMANENT),
+    ("NotFoundException", 404, PERMANENT),
+    ("TooManyRequestsException", 429, RETRY),
+    ("LimitExceededException", 400, RETRY),
+    ("Throttling", 400, RETRY),
+    ("ThrottlingException", 400, RETRY),
+    ("InternalFailure", 500, RETRY),
+    ("ServiceUnavailable", 503, RETRY),
+    ("AccessDenied", 403, PERMANENT),
+    ("AccessDeniedException", 403, PERMANENT),
+    ("UnrecognizedClientException", 403, PERMANENT),
+    ("UnrecognizedClient", 403, PERMANENT),
+    ("InvalidClientTokenId", 403, PERMANENT),
+    ("SignatureDoesNotMatch", 403, PERMANENT),
+    ("ExpiredTokenException", 403, RETRY),
+    ("SomethingNew", 400, PERMANENT),
+    ("SomethingNew", 502, RETRY),
+    ("SomethingNew", 408, RETRY),
+]
+
+
+@pytest.mark.parametrize(("code", "status", "kind"), CODES, ids=[f"{c}-{s}" for c, s, _ in CODES])
+def test_classify_client_error_codes(code: str, status: int, kind: OutcomeKind) -> None:
+    """Each SES error code is a retry or a permanent failure; the detail names code and status."""
+    outcome = classify(client_error(code, status, "what SES said"))
+    assert outcome.kind == kind
+    assert outcome.detail == f"HTTP {status}: SES {code}: what SES said"
+    assert outcome.provider_message_id is None
+
+
+def test_classify_throttling_honours_retry_after() -> None:
+    """A throttled call with Retry-After waits that long."""
+    outcome = classify(client_error("TooManyRequestsException", 429, "", {"Retry-After": "7"}))
+    assert outcome.kind == RETRY
+    assert outcome.retry_after == 7
+    assert outcome.detail == "HTTP 429: SES TooManyRequestsException"
+
+
+def test_classify_masks_credentials_in_messages() -> None:
+    """An error message quoting the key id or secret never carries them into the detail."""
+    error = client_error(
+        "SignatureDoesNotMatch", 403, f"key {ACCESS_KEY} with {SECRET_KEY} does not match"
+    )
+    outcome = classify(error, redact=(ACCESS_KEY, SECRET_KEY))
+    assert outcome.kind == PERMANENT
+    assert ACCESS_KEY not in outcome.detail
+    assert SECRET_KEY not in outcome.detail
+    assert "key *** with *** does not match" in outcome.detail
+
+
+@pytest.mark.parametrize(
+    ("error", "start"),
+    [
+        (botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), "connection error"),
+        (botocore.exceptions.ConnectionClosedError(endpoint_url="http://x"), "connection error"),
+        (botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"), "timeout"),
+        (botocore.exceptions.ConnectTimeoutError(endpoint_url="http://x"), "timeout"),
+        (botocore.exceptions.NoCredentialsError(), "no AWS credentials"),
+    ],
+    ids=["endpoint-connection", "connection-closed", "read-timeout", "connect-timeout", "no-creds"],
+)
+def test_classify_transport_failures_are_retried(error: Exception, start: str) -> None:
+    """No answer from SES (refused, dropped, timed out) or no credentials yet: retry."""
+    outcome = classify(error)
+    assert outcome.kind == RETRY
+    assert outcome.detail.startswith(start)
+
+
+def test_classify_parameter_validation_is_permanent_without_values() -> None:
+    """A request botocore refuses is permanent, and the detail quotes no parameter value."""
+    error = botocore.exceptions.ParamValidationError(
+        report="Invalid type for parameter Content.Raw.Data, value: b'secret body'"
+    )
+    outcome = classify(error)
+    assert outcome.kind == PERMANENT
+    assert "secret body" not in outcome.detail
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def test_region_is_required_when_environment_names_none() -> None:
+    """Without a region setting or AWS_REGION/AWS_DEFAULT_REGION, the provider is unusable."""
+    with pytest.raises(ProviderConfigError, match="'region' is required"):
+        SesProvider(spec(None, region=""))
+
+
+async def test_region_comes_from_environment_when_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AWS chain's region (AWS_DEFAULT_REGION) is used when the setting is absent."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    async with ses(None, region="") as provider:
+        assert provider.region == "eu-west-1"
+
+
+def test_access_key_id_needs_a_secret_and_a_secret_needs_a_key_id() -> None:
+    """access_key_id and the secret come together, or neither (the credential chain)."""
+    with pytest.raises(ProviderConfigError, match="no secret access key"):
+        SesProvider(spec(None, secret=None, access_key_id=ACCESS_KEY))
+    with pytest.raises(ProviderConfigError, match="'access_key_id' is not set"):
+        SesProvider(spec(None, access_key_id=""))
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"max_message_bytes": MAX_MESSAGE_BYTES + 1}, "can only lower"),
+        ({"max_message_bytes": "lots"}, "must be a number"),
+        ({"timeout": 0}, "must be positive"),
+        ({"max_connections": -1}, "must be positive"),
+    ],
+)
+def test_invalid_numeric_settings_are_config_errors(settings: dict[str, Any], match: str) -> None:
+    """Limits above SES's, and non-positive or non-numeric values, are refused."""
+    with pytest.raises(ProviderConfigError, match=match):
+        SesProvider(spec(None, **settings))
+
+
+def test_type_validates_setting_names() -> None:
+    """An unknown setting is a configuration error naming the known ones."""
+    with pytest.raises(ProviderConfigError, match="no setting 'regoin'"):
+        TYPE.validate(spec(None, regoin="x"))
+    TYPE.validate(spec(None, configuration_set="cs", timeout=5, max_connections=4))
+
+
+async def test_repr_and_errors_hold_no_credentials() -> None:
+    """Neither the provider's repr nor a configuration error shows the key id or secret."""
+    async with ses("http://127.0.0.1:1") as provider:
+        text = repr(provider)
+    assert ACCESS_KEY not in text
+    assert SECRET_KEY not in text
+    with pytest.raises(ProviderConfigError) as info:
+        SesProvider(spec(None, max_message_bytes=0))
+    assert SECRET_KEY not in str(info.value)
+
+
+# ---------------------------------------------------------------------------- send() to moto
+
+
+async def test_send_delivers_exact_bytes_to_every_envelope_recipient(moto_ses: MotoSES) -> None:
+    """moto records the raw bytes unchanged, the envelope sender and all envelope recipients."""
+    body = rich_body()
+    recipients = ("bob@example.org", "carol@example.net", "hidden@example.net")
+    async with ses(moto_ses.endpoint, configuration_set="cs1") as provider:
+        with trio.fail_after(20):
+            outcome = await provider.send(delivery(body, *recipients))
+    assert outcome.kind == OutcomeKind.DELIVERED
+    assert outcome.provider_message_id
+    sent = moto_ses.sent_by_id(outcome.provider_message_id)
+    assert sent.raw_data.encode("utf-8") == body
+    assert sent.source == SENDER
+    # moto appends the header addresses after the Destination it was given
+    assert tuple(sent.destinations[: len(recipients)]) == recipients
+
+
+async def test_send_with_credential_chain(moto_ses: MotoSES) -> None:
+    """Without access_key_id the standard AWS chain (here the environment) signs the call."""
+    async with ses(moto_ses.endpoint, secret=None) as provider:
+        with trio.fail_after(20):
+            outcome = await provider.send(delivery())
+    assert outcome.kind == OutcomeKind.DELIVERED
+    assert moto_ses.sent_by_id(outcome.provider_message_id).source == SENDER
+
+
+async def test_send_null_sender_lets_ses_read_from_header(moto_ses: MotoSES) -> None:
+    """A bounce (null sender) is sent without FromEmailAddress: SES takes the From header."""
+    body = wire(message())
+    async with ses(moto_ses.endpoint) as provider:
+        with trio.fail_after(20):
+            outcome = await provider.send(delivery(body, mail_from=""))
+    assert outcome.kind == OutcomeKind.DELIVERED
+    sent = moto_ses.sent_by_id(outcome.provider_message_id)
+    assert sent.source == SENDER
+    assert sent.raw_data.encode("utf-8") == body
+
+
+async def test_send_from_unverified_sender_is_permanent(moto_ses: MotoSES) -> None:
+    """An unverified envelope sender is refused by SES (MessageRejected): permanent."""
+    before = len(moto_ses.sent())
+    body = wire(message(sender="Eve <eve@unverified.example>"))
+    async with ses(moto_ses.endpoint) as provider:
+        with trio.fail_after(20):
+            outcome = await provider.send(delivery(body, mail_from="eve@unverified.example"))
+    assert outcome.kind == OutcomeKind.PERMANENT
+    assert outcome.detail.startswith("HTTP 400: SES MessageRejected")
+    assert "eve@unverified.example" in outcome.detail
+    assert SECRET_KEY not in outcome.detail
+    assert len(moto_ses.sent()) == before
+
+
+# ---------------------------------------------------------------------------- send() on the wire
+
+
+async def test_send_request_on_the_wire() -> None:
+    """One signed POST to /v2/email/outbound-emails with the body base64 and every field."""
+    body = rich_body()
+    with ScriptedSES() as fake:
+        async with ses(fake.url, configuration_set="cs1") as provider:
+            with trio.fail_after(20):
+                outcome = await provider.send(delivery(body, "bob@example.org", "c@example.net"))
+    [req] = fake.requests
+    assert (req.method, req.path) == ("POST", "/v2/email/outbound-emails")
+    assert base64.b64decode(req.body["Content"]["Raw"]["Data"]) == body
+    assert req.body["Destination"] == {"ToAddresses": ["bob@example.org", "c@example.net"]}
+    assert req.body["FromEmailAddress"] == SENDER
+    assert req.body["ConfigurationSetName"] == "cs1"
+    assert f"Credential={ACCESS_KEY}/" in req.headers["authorization"]
+    assert SECRET_KEY not in json.dumps(req.headers)
+    assert outcome.kind == OutcomeKind.DELIVERED
+    assert outcome.provider_message_id is not None
+    assert outcome.provider_message_id.startswith("ses-")
+
+
+async def test_send_throttled_is_retry_after_and_makes_one_call() -> None:
+    """A 429 with Retry-After is a retry after that long, from exactly one call."""
+    with ScriptedSES() as fake:
+        fake.fail_with(429, "TooManyRequestsException", "Maximum sending rate exceeded.",
+                       {"Retry-After": "7"})  # fmt: skip
+        async with ses(fake.url) as provider:
+            with trio.fail_after(20):
+                first = await provider.send(delivery())
+                second = await provider.send(delivery())
+    assert first.kind == OutcomeKind.RETRY
+    assert first.retry_after == 7
+    assert "Maximum sending rate exceeded" in first.detail
+    assert second.kind == OutcomeKind.DELIVERED
+    assert len(fake.requests) == 2
+
+
+async def test_send_server_error_is_retry_without_sdk_retries() -> None:
+    """A 500 InternalFailure is a retry for smtpproxy's schedule; botocore does not resend."""
+    with ScriptedSES() as fake:
+        fake.fail_with(500, "InternalFailure", "internal error")
+        fake.fail_with(500, "InternalFailure", "internal error")
+        async with ses(fake.url) as provider:
+            with trio.fail_after(20):
+                outcome = await provider.send(delivery())
+    assert outcome.kind == OutcomeKind.RETRY
+    assert outcome.detail == "HTTP 500: SES InternalFailure: internal error"
+    assert len(fake.requests) == 1
+
+
+async def test_send_access_denied_is_permanent_and_names_no_credentials() -> None:
+    """403 AccessDeniedException is permanent; the detail holds neither key id nor secret."""
+    with ScriptedSES() as fake:
+        fake.fail_with(403, "AccessDeniedException", f"User {ACCESS_KEY} is not authorized")
+        async with ses(fake.url) as provider:
+            with trio.fail_after(20):
+                outcome = await provider.send(delivery())
+    assert outcome.kind == OutcomeKind.PERMANENT
+    assert outcome.detail == "HTTP 403: SES AccessDeniedException: User *** is not authorized"
+
+
+async def test_send_over_50_recipients_is_permanent_without_a_call() -> None:
+    """51 recipients never reach SES: permanent at once."""
+    recipients = [f"r{i}@example.org" for i in range(51)]
+    with ScriptedSES() as fake:
+        async with ses(fake.url) as provider:
+            with trio.fail_after(20):
+                outcome = await provider.send(delivery(None, *recipients))
+    assert outcome.kind == OutcomeKind.PERMANENT
+    assert "more than 50 recipients" in outcome.detail
+    assert fake.requests == []
+
+
+async def test_send_over_configured_size_is_permanent_without_a_call() -> None:
+    """A 2000-byte message over max_message_bytes=1000 never reaches SES."""
+    body = wire(message()).ljust(2000, b"x")
+    with ScriptedSES() as fake:
+        async with ses(fake.url, max_message_bytes=1000) as provider:
+            with trio.fail_after(20):
+                outcome = await provider.send(delivery(body))
+    assert outcome.kind == OutcomeKind.PERMANENT
+    assert outcome.detail == "message of 2000 bytes is over the 1000-byte limit for SES"
+    assert fake.requests == []
+
+
+# ---------------------------------------------------------------------------- transport
+
+
+async def test_send_to_closed_port_is_retry_connection_error() -> None:
+    """Nothing listening at the endpoint: a retry with "connection error"."""
+    async with ses(f"http://127.0.0.1:{_closed_port()}") as provider:
+        with trio.fail_after(20):
+            outcome = await provider.send(delivery())
+    assert outcome.kind == OutcomeKind.RETRY
+    assert outcome.detail == "connection error: EndpointConnectionError"
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[tuple[str, list[trio.SocketStream]]]:
+    """An endpoint that accepts connections and never answers; yields (url, accepted)."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    held: list[trio.SocketStream] = []
+
+    async def accept_and_stay_silent() -> None:
+        while True:
+            held.append(await listener.accept())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept_and_stay_silent)
+        try:
+            yield f"http://127.0.0.1:{port}", held
+        finally:
+            nursery.cancel_scope.cancel()
+    for stream in held:
+        await stream.aclose()
+    await listener.aclose()
+
+
+async def test_send_to_silent_server_times_out_as_retry() -> None:
+    """A connection that never gets an answer is a retry with "timeout" after the timeout."""
+    async with silent_server() as (url, held), ses(url, timeout=0.5) as provider:
+        with trio.fail_after(10):
+            started = trio.current_time()
+            outcome = await provider.send(delivery())
+            elapsed = trio.current_time() - started
+    assert held  # the connection was accepted: this was a read timeout
+    assert outcome.kind == OutcomeKind.RETRY
+    assert outcome.detail == "timeout: ReadTimeoutError"
+    assert 0.4 < elapsed < 5
+
+
+async def test_concurrent_sends_are_limited_to_max_connections() -> None:
+    """With max_connections=2, five stalled sends run two at a time (three rounds)."""
+    outcomes = []
+    async with silent_server() as (url, held), ses(url, timeout=0.3, max_connections=2) as p:
+
+        async def one() -> None:
+            outcomes.append(await p.send(delivery()))
+
+        with trio.fail_after(20):
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(one)
+            elapsed = trio.current_time() - started
+    assert [o.kind for o in outcomes] == [OutcomeKind.RETRY] * 5
+    assert len(held) == 5
+    assert elapsed >= 3 * 0.3 - 0.05  # five at once would take one timeout, not three
