@@ -189,6 +189,9 @@ class DeliveryConfig:
     scheduler_interval: Duration = Duration(1)
     body_read_retries: tuple[Duration, ...] = (Duration(1), Duration(2), Duration(4))
     shutdown_grace: Duration = Duration(25)
+    breaker_threshold: int = 5  # consecutive transient failures that open a provider's circuit
+    breaker_cooldown: Duration = Duration(30)  # then one probe is let through
+    provider_wait: Duration = Duration(10)  # longest wait for a saturated provider's slot
 
 
 @attrs.frozen

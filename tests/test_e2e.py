@@ -176,7 +176,7 @@ async def test_smtp_to_file_and_sendgrid_through_a_real_process(
         assert personalization["to"] == [{"email": "carol@x.sendgrid.test", "name": "Carol"}]
         assert personalization["bcc"] == [{"email": "dave@x.sendgrid.test"}]
         assert sent["content"] == [{"type": "text/plain", "value": original.get_content()}]
-        assert sent["headers"]["Message-ID"] == "<test-1@example.com>"
+        assert sent["headers"]["Message-ID"] == original["Message-ID"]
         assert sg_row["provider_message_id"] == request.response_headers["X-Message-Id"]
 
         with psycopg.connect(pg_url) as conn:

@@ -40,7 +40,7 @@ async def test_accepted_message_is_durable_before_250(
     assert row[0] == "alice@example.com"
     assert row[1] == ["bob@example.org"]
     assert row[2] == "hello"
-    assert row[3] == "test-1@example.com"
+    assert row[3] == data.split(b"Message-ID: <")[1].split(b">")[0].decode()
     assert row[4] == len(data)
 
 
@@ -203,3 +203,24 @@ async def test_database_failure_means_451_and_the_body_is_removed(
     assert code == 451
     leftovers = [p for p in cfg.storage_path.rglob("*") if p.is_file()]
     assert leftovers == []
+
+
+async def test_resubmission_gets_the_original_id_and_is_stored_once(
+    service: Service, account: dict[str, Any], cfg: Config, pg_url: str
+) -> None:
+    """A client re-sending the same message (same Message-ID and body) within the window
+    gets 250 with the first id and no second copy is kept; a changed body is new mail."""
+    data = smtp.message(message_id="<resend-1@example.com>")
+    changed = smtp.message(message_id="<resend-1@example.com>", body="other text\n")
+    with trio.fail_after(30):
+        replies = [
+            await run(lambda d=d: smtp.send(service.smtp_port, "app", account["password"], d))
+            for d in (data, data, changed)
+        ]
+    ids = [smtp.queued_id(r[1]) for r in replies]
+    assert ids[0] == ids[1] != ids[2]
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT id FROM messages ORDER BY id").fetchall()
+    assert sorted(r[0] for r in rows) == sorted({ids[0], ids[2]})
+    stored = list(cfg.storage_path.rglob("*.eml"))
+    assert len(stored) == 2

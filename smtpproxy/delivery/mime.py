@@ -66,6 +66,12 @@ class ParsedMessage:
 _PARSER = BytesParser(policy=email.policy.default)
 
 
+def utf8(text: str) -> str:
+    """Header text as UTF-8: the parser keeps raw 8-bit header bytes (RFC 6532, sent by
+    SMTPUTF8 clients) as surrogate escapes, which cannot be encoded as JSON or sent on."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _addresses(msg: EmailMessage, name: str) -> tuple[Address, ...]:
     out: list[Address] = []
     for value in msg.get_all(name) or []:
@@ -73,7 +79,9 @@ def _addresses(msg: EmailMessage, name: str) -> tuple[Address, ...]:
             addrs = value.addresses
         except (AttributeError, ValueError, IndexError):
             continue  # unparseable header: nothing we can address
-        out.extend(Address(a.addr_spec, a.display_name or "") for a in addrs if a.addr_spec)
+        out.extend(
+            Address(utf8(a.addr_spec), utf8(a.display_name or "")) for a in addrs if a.addr_spec
+        )
     return tuple(out)
 
 
@@ -82,7 +90,7 @@ def _header_text(msg: EmailMessage, name: str) -> str:
         value = msg.get(name)
     except (ValueError, IndexError):
         return ""
-    return str(value) if value is not None else ""
+    return utf8(str(value)) if value is not None else ""
 
 
 def _content(part: EmailMessage) -> bytes:
@@ -174,7 +182,7 @@ def parse(raw: bytes) -> ParsedMessage:
             value = str(msg.policy.header_fetch_parse(name, raw_value))
         except (ValueError, IndexError):  # malformed: keep its text, unfolded
             value = " ".join(str(raw_value).split())
-        others.append((name, value))
+        others.append((name, utf8(value)))
     return ParsedMessage(
         from_=from_[0] if from_ else None,
         reply_to=_addresses(msg, "Reply-To"),

@@ -798,3 +798,18 @@ async def test_send_to_silent_server_times_out_as_retry() -> None:
     assert outcome.kind == OutcomeKind.RETRY
     assert outcome.detail.startswith("timeout")
     assert elapsed < 3
+
+
+def test_raw_utf8_headers_become_text() -> None:
+    """Raw UTF-8 in headers (an SMTPUTF8 client) arrives as text, not surrogate escapes."""
+    raw = (
+        "From: Zoë Ünal <zoe@example.com>\r\nTo: Jörg <bob@example.org>\r\n"
+        "Subject: Grüße\r\nX-Note: naïve\r\n\r\nhi\r\n"
+    ).encode()
+    body = build_request(Delivery("m1", 1, 1, "zoe@example.com", ("bob@example.org",), raw))
+    encoded = json.dumps(body, ensure_ascii=False).encode("utf-8")  # must not raise
+    assert body["from"] == {"email": "zoe@example.com", "name": "Zoë Ünal"}
+    assert body["personalizations"][0]["to"] == [{"email": "bob@example.org", "name": "Jörg"}]
+    assert body["subject"] == "Grüße"
+    assert body["headers"]["X-Note"] == "naïve"
+    assert "Grüße".encode() in encoded

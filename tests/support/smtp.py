@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import smtplib
 import ssl
+import uuid
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 
@@ -22,12 +23,14 @@ def message(
     sender: str = "Alice <alice@example.com>",
     to: str = "bob@example.org",
     body: str = "Hi Bob,\n.\n..a line with dots\n",
+    message_id: str | None = None,
 ) -> bytes:
+    """A message with a fresh Message-ID (the same one twice is a duplicate submission)."""
     m = EmailMessage()
     m["From"] = sender
     m["To"] = to
     m["Subject"] = subject
-    m["Message-ID"] = "<test-1@example.com>"
+    m["Message-ID"] = message_id or f"<{uuid.uuid4().hex}@example.com>"
     m.set_content(body)
     return m.as_bytes(policy=SMTP_POLICY)
 

@@ -53,7 +53,7 @@ WHERE id = %(id)s
         AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
        OR (status = 'sending' AND claimed_at < now() - make_interval(secs => %(visibility)s)))
 RETURNING id, tenant_id, account_id, mail_from, rcpt_to, storage_key, attempts, created_at,
-          size, header_message_id
+          size, header_message_id, route_override
 
 -- name: message_status
 SELECT status FROM messages WHERE id = %s
@@ -101,11 +101,34 @@ ORDER BY id
 -- name: touch_queued
 UPDATE messages SET updated_at = now() WHERE id = ANY(%s) AND status IN ('queued', 'sending')
 
+-- name: defer_recipients
+-- Recipients a provider deferred (4xx for them only) get a child message of their own,
+-- retried later without re-sending to the recipients that were delivered.
+INSERT INTO messages (
+    id, parent_id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
+    header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status,
+    attempts, next_attempt_at, route_override, created_at)
+SELECT %(child_id)s, id, tenant_id, account_id, mail_from, %(rcpt_to)s, subject,
+       header_message_id, header_from, header_to, header_cc, size, sha256, storage_key,
+       client_ip, 'retrying', attempts, %(next_attempt_at)s, route_override, created_at
+FROM messages WHERE id = %(parent_id)s
+
+-- name: release_claim
+-- Give a claimed message back without counting an attempt (its provider is saturated):
+-- the scheduler re-enqueues it at next_attempt_at.
+UPDATE messages
+SET status = 'retrying', attempts = attempts - 1, next_attempt_at = %(next_attempt_at)s,
+    claimed_by = NULL, claimed_at = NULL, updated_at = now()
+WHERE id = %(id)s AND status = 'sending' AND claimed_by = %(consumer)s
+RETURNING id
+
 -- name: split_message
 -- A child row per route group shares the parent's body; the parent becomes final.
 INSERT INTO messages (
     id, parent_id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
-    header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status, created_at)
-SELECT %(child_id)s, id, tenant_id, account_id, mail_from, %(rcpt_to)s, subject, header_message_id,
-       header_from, header_to, header_cc, size, sha256, storage_key, client_ip, 'queued', created_at
+    header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status,
+    route_override, created_at)
+SELECT %(child_id)s, id, tenant_id, account_id, mail_from, %(rcpt_to)s, subject,
+       header_message_id, header_from, header_to, header_cc, size, sha256, storage_key,
+       client_ip, 'queued', route_override, created_at
 FROM messages WHERE id = %(parent_id)s
