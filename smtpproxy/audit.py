@@ -53,7 +53,8 @@ def record(
     """Append one audit row in the current transaction."""
     b, a = mask(before), mask(after)
     conn.execute(
-        "INSERT INTO audit_log (os_user, action, target, before, after) VALUES (%s, %s, %s, %s, %s)",
+        "INSERT INTO audit_log (os_user, action, target, before, after)"
+        " VALUES (%s, %s, %s, %s, %s)",
         (
             os_user(),
             action,

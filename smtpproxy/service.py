@@ -23,15 +23,11 @@ from smtpproxy.db import migrate
 from smtpproxy.delivery import directory
 from smtpproxy.delivery.consumer import Consumer, DirectoryHolder, consumer_name
 from smtpproxy.delivery.retry import RetryPolicy
-from smtpproxy.delivery.scheduler import (
-    run_checker,
-    run_directory_reload,
-    run_reconciler,
-    run_scheduler,
-)
+from smtpproxy.delivery.scheduler import run_checker, run_reconciler, run_scheduler
 from smtpproxy.errors import DatabaseUnavailable
 from smtpproxy.health import HealthState, run_health
 from smtpproxy.ingress.server import run_ingress
+from smtpproxy.reload import run_reload
 from smtpproxy.resources import Resources, open_resources
 from smtpproxy.supervise import supervise
 
@@ -110,15 +106,14 @@ async def serve(
         health = HealthState(checks=_health_checks(res))  # type: ignore[arg-type]
         consumer = Consumer(res, holder, pool, name=consumer_name(0), policy=retry_policy(cfg))
         async with trio.open_nursery() as nursery:
-            ingress = await nursery.start(run_ingress, res)
+            await nursery.start(supervise, "config-reload", lambda: run_reload(res, holder, pool))
+            ingress = await nursery.start(partial(run_ingress, res, directory=holder))
             if cfg.delivery.enabled:
                 await nursery.start(supervise, "consumer", consumer.run)
                 await nursery.start(supervise, "scheduler", lambda: run_scheduler(res))
                 await nursery.start(supervise, "reconciler", lambda: run_reconciler(res))
                 await nursery.start(supervise, "storage-check", lambda: run_checker(res))
-                await nursery.start(
-                    supervise, "routing-reload", lambda: run_directory_reload(res, holder, pool)
-                )
+
             else:
                 logger.info("delivery.enabled = false: this instance only accepts mail")
             health_bound = None

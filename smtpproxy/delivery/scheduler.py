@@ -7,7 +7,6 @@
   grace period, or stuck in `sending` past the visibility timeout. This is how a Redis
   that restarted empty, or a deleted stream, is rebuilt from PostgreSQL (invariant 3);
 * the storage checker runs every check of fsck.py with repairs, hourly by default;
-* the directory reload keeps the routing snapshot current.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ from psycopg.rows import dict_row
 
 from smtpproxy import fsck
 from smtpproxy.db.queries import Q
-from smtpproxy.delivery import directory
-from smtpproxy.delivery.consumer import DirectoryHolder
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
 from smtpproxy.resources import Resources
 
@@ -115,21 +112,3 @@ async def run_checker(
                     r.repaired,
                 )
     await trio.sleep_forever()
-
-
-async def run_directory_reload(
-    res: Resources,
-    holder: DirectoryHolder,
-    pool: directory.ProviderPool,
-    *,
-    interval: float = 2.0,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    task_status.started()
-    while True:
-        await trio.sleep(interval)
-        try:
-            holder.snapshot = await res.db.run(lambda conn: directory.load(conn, res.cfg, res.box))
-        except DatabaseUnavailable as exc:
-            logger.warning("routing reload: {}", exc)
-        await pool.aclose_retired()

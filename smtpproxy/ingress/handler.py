@@ -16,7 +16,7 @@ from loguru import logger
 from smtpproxy.domains import any_matches, domain_of
 from smtpproxy.headers import summarize
 from smtpproxy.ids import new_message_id
-from smtpproxy.ingress import replies
+from smtpproxy.ingress import admission, replies
 from smtpproxy.ingress.bridge import BridgeError, Portal
 from smtpproxy.models import AccountIdentity, Submission
 from smtpproxy.store import key_for
@@ -31,12 +31,30 @@ def peer_ip(session: Any) -> str:
 
 class IngressHandler:
     def __init__(
-        self, *, commit: Portal, calls: Portal, authenticate: AuthFn, max_recipients: int
+        self,
+        *,
+        commit: Portal,
+        calls: Portal,
+        authenticate: AuthFn,
+        max_recipients: int,
+        directory: Any = None,  # DirectoryHolder: `.snapshot` is the routing snapshot
     ) -> None:
         self._commit = commit
         self._calls = calls
         self._auth = authenticate
         self._max_recipients = max_recipients
+        self._directory = directory
+
+    def _too_big(self, session: Any, envelope: Any, rcpts: list[str], size: int) -> str | None:
+        """A 552 reply when a recipient's provider cannot take `size` bytes."""
+        if self._directory is None:
+            return None
+        provider = admission.too_big_for(
+            self._directory.snapshot, session.account, envelope.mail_from or "", rcpts, size
+        )
+        if provider is None:
+            return None
+        return f"552 5.3.4 Message too big for the provider that delivers this mail ({provider})"
 
     async def authenticate(
         self, server: Any, session: Any, login: bytes, password: bytes
@@ -66,10 +84,18 @@ class IngressHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self._max_recipients:
             return replies.TOO_MANY_RECIPIENTS
+        declared = admission.declared_size(envelope.mail_options)
+        if declared is not None:
+            refusal = self._too_big(session, envelope, [address], declared)
+            if refusal is not None:
+                return refusal
         return replies.RECIPIENT_OK
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         body: bytes = envelope.original_content
+        refusal = self._too_big(session, envelope, envelope.rcpt_tos, len(body))
+        if refusal is not None:
+            return refusal
         mid = new_message_id()
         sub = Submission(
             message_id=mid,

@@ -15,6 +15,7 @@ import math
 import ssl
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -140,6 +141,7 @@ async def run_ingress(
     res: Resources,
     listeners: list[Listener] | None = None,
     *,
+    directory: Any = None,  # DirectoryHolder, for admission checks against routes
     task_status: trio.TaskStatus[IngressHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     cfg = res.cfg
@@ -161,6 +163,7 @@ async def run_ingress(
             calls=bridge.Portal(loop, token, bridge.call_sink(nursery, loop)),
             authenticate=authenticator.verify,
             max_recipients=cfg.smtp.max_recipients,
+            directory=directory,
         )
 
         def factory(implicit: bool) -> Callable[[], RelaySMTP]:

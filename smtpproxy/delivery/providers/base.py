@@ -75,6 +75,14 @@ class SettingInfo:
     required: bool = False
 
 
+# settings every provider type accepts, whatever its API
+COMMON_SETTINGS: Mapping[str, SettingInfo] = {
+    "max_message_bytes": SettingInfo(
+        "refuse larger messages at SMTP time with 552 (bytes; can only lower the type's limit)"
+    ),
+}
+
+
 @attrs.frozen
 class ProviderType:
     name: str
@@ -86,11 +94,16 @@ class ProviderType:
     max_recipients: int | None = None  # per request; larger route groups are split
     max_message_bytes: int | None = None  # largest raw message the provider can take
 
+    def all_settings(self) -> Mapping[str, SettingInfo]:
+        """This type's settings and the ones every provider takes."""
+        return {**COMMON_SETTINGS, **self.settings}
+
     def validate(self, spec: ProviderSpec) -> None:
         """Raise ProviderConfigError for unknown or missing settings."""
+        known_settings = self.all_settings()
         for key in spec.settings:
-            if key not in self.settings:
-                known = ", ".join(sorted(self.settings)) or "none"
+            if key not in known_settings:
+                known = ", ".join(sorted(known_settings)) or "none"
                 raise ProviderConfigError(
                     f"provider {spec.name}: type {self.name} has no setting {key!r} "
                     f"(known: {known})"
