@@ -158,6 +158,9 @@ class RedisConfig:
     url: str = secret(EMBEDDED)
     key_prefix: str = "smtpproxy"
     socket_timeout: Duration = Duration(5)
+    # the account legacy stream entries (the original single-stream format) are sent as,
+    # when an entry names none
+    legacy_account: str = ""
 
 
 @attrs.frozen
@@ -210,6 +213,7 @@ class LogConfig:
     cw_stream: str = ""  # default: the host name
     cw_region: str = ""
     cw_endpoint: str = ""
+    cw_buffer_events: int = 50000  # held in memory while CloudWatch is slow; then oldest dropped
 
 
 @attrs.frozen
@@ -432,8 +436,6 @@ def _check_semantics(cfg: Config) -> None:
             HostPort.parse(cfg.health.listen)
         except ConfigValueError as exc:
             problems.append(f"health.listen: {exc}")
-    if "cloudwatch" in cfg.log.output:
-        problems.append("log.output: 'cloudwatch' is not available in this version")
     if problems:
         raise ConfigError("\n".join(problems))
 

@@ -12,7 +12,7 @@ import sys
 import psycopg
 import typer
 
-from smtpproxy.cli import account, dbcmd, fsckcmd, provider, route, runcmd, tenant
+from smtpproxy.cli import account, dbcmd, dlq, fsckcmd, provider, route, runcmd, tenant
 from smtpproxy.cli.common import error_line
 from smtpproxy.errors import ConfigError, ListenError, SmtpProxyError
 
@@ -49,6 +49,7 @@ app.add_typer(tenant.app, name="tenant")
 app.add_typer(account.app, name="account")
 app.add_typer(provider.app, name="provider")
 app.add_typer(route.app, name="route")
+app.add_typer(dlq.app, name="dlq", help="Dead letters: list, replay, purge.")
 
 
 def main() -> None:

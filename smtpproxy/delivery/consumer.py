@@ -14,6 +14,7 @@ XAUTOCLAIM after the visibility timeout.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -25,14 +26,17 @@ from loguru import logger
 from psycopg.rows import dict_row
 
 from smtpproxy.db.queries import Q
+from smtpproxy.delivery import legacy
 from smtpproxy.delivery.attempt import Deliverer
 from smtpproxy.delivery.breaker import ProviderHealth
 from smtpproxy.delivery.directory import ProviderPool, Snapshot
 from smtpproxy.delivery.records import Claimed, Recorder
 from smtpproxy.delivery.retry import RetryPolicy
-from smtpproxy.errors import QueueUnavailable
+from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
+from smtpproxy.headers import summarize
 from smtpproxy.queue.streams import Entry, Streams
 from smtpproxy.resources import Resources
+from smtpproxy.store import key_for
 
 
 def consumer_name(index: int) -> str:
@@ -167,7 +171,13 @@ class Consumer:
 
     # -- one entry ---------------------------------------------------------------
     async def process(self, entry: Entry) -> None:
-        mid = entry.fields.get("id", "")
+        if legacy.is_legacy(entry.fields):
+            adopted = await self._adopt(entry)
+            if adopted is None:
+                return
+            mid = adopted
+        else:
+            mid = entry.fields.get("id", "")
         log = logger.bind(message_id=mid, consumer=self.name)
         if not mid:
             log.warning("stream entry {} has no message id; dropped", entry.entry_id)
@@ -196,6 +206,62 @@ class Consumer:
             msg, log.bind(tenant_id=msg.tenant_id, account_id=msg.account_id)
         )
         await self._finish(entry)
+
+    async def _adopt(self, entry: Entry) -> str | None:
+        """Turn a legacy entry into a queued message; its id, or None when the entry was
+        dropped (malformed: dead-lettered) or must wait (store or database down)."""
+        log = logger.bind(consumer=self.name, legacy_entry=entry.entry_id)
+        res = self._res
+        try:
+            found = legacy.parse(entry.fields)
+        except legacy.LegacyEntryError as exc:
+            problem = str(exc)
+        else:
+            account_id = found.account_id or await self._legacy_account()
+            problem = "" if account_id is not None else "no account: set redis.legacy_account"
+        if problem:
+            log.warning("legacy entry dropped to the dead letters: {}", problem)
+            fields = {"legacy_entry": entry.entry_id, "stream": entry.stream, "reason": problem}
+            try:
+                await res.redis_offload(res.streams.add_dead_letter, fields)
+            except QueueUnavailable:
+                return None  # keep the entry; it is retried after the visibility timeout
+            await self._finish(entry)
+            return None
+        mid = legacy.message_id_for(entry.stream, entry.entry_id)
+        key = key_for(mid)
+        heads = summarize(found.body)
+        row = {
+            "id": mid,
+            "account_id": account_id,
+            "mail_from": found.mail_from,
+            "rcpt_to": list(found.rcpt_to),
+            "subject": heads.subject,
+            "header_message_id": heads.message_id,
+            "header_from": heads.from_,
+            "header_to": heads.to,
+            "header_cc": heads.cc,
+            "size": len(found.body),
+            "sha256": hashlib.sha256(found.body).hexdigest(),
+            "storage_key": key,
+        }
+        try:
+            await res.store_offload(res.store.put, key, found.body)
+            await res.db.run(lambda conn: conn.execute(Q.adopt_legacy, row))
+        except (StoreUnavailable, DatabaseUnavailable) as exc:
+            log.warning("legacy entry not adopted yet: {}", exc)
+            return None
+        log.bind(message_id=mid).info("adopted a legacy stream entry")
+        return mid
+
+    async def _legacy_account(self) -> int | None:
+        username = self._res.cfg.redis.legacy_account
+        if not username:
+            return None
+        row = await self._res.db.run(
+            lambda conn: conn.execute(Q.account_id_by_username, (username,)).fetchone()
+        )
+        return int(str(row[0])) if row else None
 
     async def _finish(self, entry: Entry) -> None:
         try:

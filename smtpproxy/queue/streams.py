@@ -207,6 +207,22 @@ class Streams:
                 pipe.xdel(stream, *ids)
             pipe.execute()
 
+    def delete_dead_letters(self, message_ids: set[str], page: int = 1000) -> int:
+        """Remove the dead-letter entries of these messages; returns how many."""
+        removed = 0
+        start = "-"
+        while message_ids:
+            with mapped_errors():
+                batch = self.client.xrange(self.dead_letters, min=start, max="+", count=page)
+                doomed = [eid for eid, fields in batch if fields.get("id") in message_ids]
+                if doomed:
+                    removed += int(self.client.xdel(self.dead_letters, *doomed))
+            if len(batch) < page:
+                break
+            ms, _, seq = batch[-1][0].partition("-")
+            start = f"{ms}-{int(seq) + 1}"
+        return removed
+
     # -- inspection --------------------------------------------------------------
     def length(self) -> int:
         """Entries not yet finished, over every stream."""

@@ -132,3 +132,18 @@ SELECT %(child_id)s, id, tenant_id, account_id, mail_from, %(rcpt_to)s, subject,
        header_message_id, header_from, header_to, header_cc, size, sha256, storage_key,
        client_ip, 'queued', route_override, created_at
 FROM messages WHERE id = %(parent_id)s
+
+-- name: adopt_legacy
+-- A legacy stream entry becomes a normal queued message; adopting the same entry twice
+-- (a crash in between) writes nothing the second time.
+INSERT INTO messages (
+    id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id, header_from,
+    header_to, header_cc, size, sha256, storage_key, status)
+SELECT %(id)s, a.tenant_id, a.id, %(mail_from)s, %(rcpt_to)s, %(subject)s, %(header_message_id)s,
+       %(header_from)s, %(header_to)s, %(header_cc)s, %(size)s, %(sha256)s, %(storage_key)s,
+       'queued'
+FROM accounts a WHERE a.id = %(account_id)s
+ON CONFLICT (id) DO NOTHING
+
+-- name: account_id_by_username
+SELECT id FROM accounts WHERE username = %s

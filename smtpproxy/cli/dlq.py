@@ -1,0 +1,337 @@
+"""`smtpproxy dlq list|retry|purge`: the dead letters (status dlq, failed, storage_error).
+
+`retry` puts messages back in the queue with a fresh attempt count (optionally through
+another provider), `purge` removes them with their bodies; both can be previewed with
+--dry-run and are recorded in the audit trail (who replayed or purged what).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import typer
+
+from smtpproxy.cli.common import JsonOption, config, database, done, emit_rows, say
+
+app = typer.Typer(no_args_is_help=True)
+
+DEAD = ["dlq", "failed", "storage_error"]
+COLUMNS = ["id", "tenant", "account", "status", "attempts", "provider", "finished_at", "last_error"]
+
+
+def _since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    from smtpproxy.config import ConfigValueError, parse_duration
+    from smtpproxy.errors import UsageError
+
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ConfigValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r}: expected a duration like 2h or 7d, or a date"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _select(
+    conn: Any,
+    *,
+    ids: list[str] | None,
+    tenant: str | None,
+    provider: str | None,
+    since: str | None,
+    reason: str | None,
+    status: str | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    from psycopg.rows import dict_row
+
+    from smtpproxy import admin
+    from smtpproxy.db.queries import Q
+    from smtpproxy.errors import UsageError
+
+    if tenant is not None:
+        admin.tenant(conn, tenant)
+    if status is not None and status not in DEAD:
+        raise UsageError(f"--status must be one of {', '.join(DEAD)}")
+    params = {
+        "statuses": [status] if status else DEAD,
+        "ids": ids or None,
+        "tenant": tenant,
+        "provider": provider,
+        "since": _since(since),
+        "reason": reason,
+        "limit": limit,
+    }
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows: list[dict[str, Any]] = cur.execute(Q.dlq_select, params).fetchall()
+    return rows
+
+
+TenantOpt = typer.Option(None, "--tenant", "-t", help="Only this tenant's messages.")
+ProviderOpt = typer.Option(None, "--provider", help="Only messages last tried with this provider.")
+SinceOpt = typer.Option(None, "--since", help="Only messages that ended since (2h, 7d, or a date).")
+ReasonOpt = typer.Option(
+    None, "--reason", help="Only messages whose last error contains this text."
+)
+StatusOpt = typer.Option(None, "--status", help="Only dlq, failed or storage_error.")
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    tenant: str = TenantOpt,
+    provider: str = ProviderOpt,
+    since: str = SinceOpt,
+    reason: str = ReasonOpt,
+    status: str = StatusOpt,
+    limit: int = typer.Option(100, "--limit", help="At most this many (newest first)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """List dead letters, newest first.
+
+    Example: [bold]smtpproxy dlq list --tenant acme --since 1d --reason 429[/bold]
+    """
+    with database(ctx) as conn:
+        rows = _select(
+            conn,
+            ids=None,
+            tenant=tenant,
+            provider=provider,
+            since=since,
+            reason=reason,
+            status=status,
+            limit=limit,
+        )
+    emit_rows(rows, COLUMNS, as_json, title="dead letters")
+
+
+def _confirm(what: str, yes: bool) -> None:
+    import sys
+
+    from smtpproxy.errors import UsageError
+
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"refusing to {what} without --yes (standard input is not a terminal)")
+    if not typer.confirm(f"{what}?"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    ids: list[str] = typer.Argument(None, help="Message ids (or use the filters)."),
+    tenant: str = TenantOpt,
+    provider: str = ProviderOpt,
+    since: str = SinceOpt,
+    reason: str = ReasonOpt,
+    status: str = StatusOpt,
+    to_provider: str = typer.Option(
+        None, "--to-provider", help="Send them through this provider instead of routing them."
+    ),
+    limit: int = typer.Option(10000, "--limit", help="At most this many."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Show what would be retried; change nothing."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Put dead letters back in the queue with a fresh attempt count.
+
+    Messages whose body is gone cannot be retried and are skipped. The replay is
+    recorded in the audit trail.
+
+    Example: [bold]smtpproxy dlq retry --tenant acme --since 2h --to-provider backup --yes[/bold]
+    """
+    from smtpproxy import audit
+    from smtpproxy.db.queries import Q
+    from smtpproxy.errors import UsageError
+
+    if not ids and not any((tenant, provider, since, reason, status)):
+        raise UsageError("name message ids or give a filter (--tenant, --since, ...)")
+    cfg = config(ctx)
+    with database(ctx) as conn:
+        rows = _select(
+            conn,
+            ids=ids,
+            tenant=tenant,
+            provider=provider,
+            since=since,
+            reason=reason,
+            status=status,
+            limit=limit,
+        )
+        if ids:
+            missing = sorted(set(ids) - {r["id"] for r in rows})
+            if missing:
+                raise UsageError(f"not dead letters: {', '.join(missing)}")
+        usable = [
+            r for r in rows if r["body_deleted_at"] is None and r["status"] != "storage_error"
+        ]
+        skipped = [r["id"] for r in rows if r not in usable]
+        if to_provider is not None:
+            _check_provider(conn, cfg, {r["tenant"] for r in usable}, to_provider)
+        if dry_run or not usable:
+            _report(usable, skipped, as_json, dry_run=True)
+            return
+        _confirm(f"retry {len(usable)} messages", yes)
+        requeued = conn.execute(
+            Q.dlq_requeue, {"ids": [r["id"] for r in usable], "provider": to_provider}
+        ).fetchall()
+        audit.record(
+            conn,
+            "dlq.retry",
+            f"{len(requeued)} messages",
+            after={"ids": [str(r[0]) for r in requeued][:1000], "to_provider": to_provider},
+        )
+    _enqueue(cfg, requeued)
+    _report([r for r in usable if r["id"] in {str(q[0]) for q in requeued}], skipped, as_json)
+
+
+def _check_provider(conn: Any, cfg: Any, tenants: set[str], name: str) -> None:
+    from smtpproxy import admin
+    from smtpproxy.errors import NotFoundError
+
+    if name in cfg.providers:
+        return
+    for tenant in tenants:
+        try:
+            admin.provider(conn, tenant, name)
+        except NotFoundError:
+            raise NotFoundError(f"tenant {tenant!r} has no provider named {name!r}") from None
+
+
+def _enqueue(cfg: Any, rows: list[Any]) -> None:
+    """XADD the requeued messages; if Redis is down the reconciler picks them up."""
+    from smtpproxy import embedded
+    from smtpproxy.errors import QueueUnavailable
+    from smtpproxy.queue.streams import Streams, connect
+
+    client = connect(embedded.redis_url(cfg), socket_timeout=cfg.redis.socket_timeout)
+    try:
+        Streams(client, cfg.redis.key_prefix).add_many(
+            [{"id": str(r[0]), "tenant_id": str(r[1]), "account_id": str(r[2])} for r in rows]
+        )
+    except QueueUnavailable:
+        say(
+            "note: Redis is unavailable; the messages are queued in PostgreSQL and will be "
+            "enqueued by a running instance within a minute"
+        )
+    finally:
+        client.close()
+
+
+def _report(
+    rows: list[dict[str, Any]], skipped: list[str], as_json: bool, dry_run: bool = False
+) -> None:
+    verb = "would retry" if dry_run else "retried"
+    done(
+        f"{verb} {len(rows)} messages"
+        + (f"; skipped {len(skipped)} without a body" if skipped else ""),
+        as_json,
+        dry_run=dry_run,
+        ids=[r["id"] for r in rows],
+        skipped=skipped,
+    )
+    if not as_json and dry_run and rows:
+        emit_rows(rows, COLUMNS, False, title="would retry")
+
+
+@app.command()
+def purge(
+    ctx: typer.Context,
+    ids: list[str] = typer.Argument(None, help="Message ids (or use the filters)."),
+    tenant: str = TenantOpt,
+    provider: str = ProviderOpt,
+    since: str = SinceOpt,
+    reason: str = ReasonOpt,
+    status: str = StatusOpt,
+    limit: int = typer.Option(10000, "--limit", help="At most this many."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Show what would be purged; change nothing."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Delete dead letters: their rows, delivery logs, bodies and dead-letter entries.
+
+    Example: [bold]smtpproxy dlq purge --status failed --since 30d --dry-run[/bold]
+    """
+    from smtpproxy import audit
+    from smtpproxy.db.queries import Q
+    from smtpproxy.errors import UsageError
+    from smtpproxy.store import open_store
+
+    if not ids and not any((tenant, provider, since, reason, status)):
+        raise UsageError("name message ids or give a filter (--tenant, --since, ...)")
+    cfg = config(ctx)
+    with database(ctx) as conn:
+        rows = _select(
+            conn,
+            ids=ids,
+            tenant=tenant,
+            provider=provider,
+            since=since,
+            reason=reason,
+            status=status,
+            limit=limit,
+        )
+        if dry_run or not rows:
+            done(
+                f"would purge {len(rows)} messages" if dry_run else "nothing to purge",
+                as_json,
+                dry_run=True,
+                ids=[r["id"] for r in rows],
+            )
+            if not as_json and dry_run and rows:
+                emit_rows(rows, COLUMNS, False, title="would purge")
+            return
+        _confirm(f"purge {len(rows)} messages", yes)
+        deleted = conn.execute(Q.dlq_delete, {"ids": [r["id"] for r in rows]}).fetchall()
+        keys = {str(r[1]) for r in deleted}
+        unused = [k for k in keys if not _key_in_use(conn, k)]
+        audit.record(
+            conn,
+            "dlq.purge",
+            f"{len(deleted)} messages",
+            before={"ids": [str(r[0]) for r in deleted][:1000]},
+        )
+    store = open_store(cfg)
+    try:
+        for key in unused:
+            store.delete(key)
+    finally:
+        store.close()
+    _forget_dead_letters(cfg, {str(r[0]) for r in deleted})
+    done(f"purged {len(deleted)} messages", as_json, ids=sorted(str(r[0]) for r in deleted))
+
+
+def _key_in_use(conn: Any, key: str) -> bool:
+    from smtpproxy.db.queries import Q
+
+    row = conn.execute(Q.storage_key_in_use, (key,)).fetchone()
+    return bool(row and row[0])
+
+
+def _forget_dead_letters(cfg: Any, ids: set[str]) -> None:
+    """Remove the purged messages' entries from the dead-letter stream."""
+    from smtpproxy import embedded
+    from smtpproxy.errors import QueueUnavailable
+    from smtpproxy.queue.streams import Streams, connect
+
+    client = connect(embedded.redis_url(cfg), socket_timeout=cfg.redis.socket_timeout)
+    try:
+        streams = Streams(client, cfg.redis.key_prefix)
+        streams.delete_dead_letters(ids)
+    except QueueUnavailable:
+        say("note: Redis is unavailable; dead-letter stream entries were left in place")
+    finally:
+        client.close()
