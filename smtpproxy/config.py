@@ -195,6 +195,8 @@ class DeliveryConfig:
     breaker_threshold: int = 5  # consecutive transient failures that open a provider's circuit
     breaker_cooldown: Duration = Duration(30)  # then one probe is let through
     provider_wait: Duration = Duration(10)  # longest wait for a saturated provider's slot
+    reconcile_interval: Duration = Duration(30)  # how often lost stream entries are looked for
+    reconcile_grace: Duration = Duration(60)  # a queued row older than this should be consumed
 
 
 @attrs.frozen

@@ -190,6 +190,7 @@ class Service:
 @pytest.fixture
 async def service(cfg: Config, nursery: trio.Nursery) -> AsyncIterator[Service]:
     stop = trio.Event()
-    running = await nursery.start(serve, cfg, stop)
+    with trio.fail_after(60):
+        running = await nursery.start(serve, cfg, stop)
     yield Service(running, stop)
     stop.set()

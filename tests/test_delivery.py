@@ -22,7 +22,8 @@ run = trio.to_thread.run_sync
 
 async def start(nursery: trio.Nursery, cfg: Config) -> tuple[Running, trio.Event]:
     stop = trio.Event()
-    running: Running = await nursery.start(serve, cfg, stop)
+    with trio.fail_after(60):
+        running: Running = await nursery.start(serve, cfg, stop)
     return running, stop
 
 

@@ -45,7 +45,8 @@ async def start(
         redis={"url": redis_url, "key_prefix": prefix, "legacy_account": "app"},
     )
     stop = trio.Event()
-    return await nursery.start(serve, cfg, stop), stop
+    with trio.fail_after(60):
+        return await nursery.start(serve, cfg, stop), stop
 
 
 async def wait_status(pg_url: str, mid: str, *statuses: str) -> dict[str, Any]:

@@ -86,7 +86,8 @@ async def start(
         security={"secret_key": KEY},
     )
     stop = trio.Event()
-    return await nursery.start(serve, cfg, stop), stop
+    with trio.fail_after(60):
+        return await nursery.start(serve, cfg, stop), stop
 
 
 KEY = Fernet.generate_key().decode()

@@ -35,7 +35,8 @@ def readiness(port: int) -> tuple[int, dict[str, Any]]:
 
 async def start(nursery: trio.Nursery, cfg: Config) -> tuple[Running, trio.Event]:
     stop = trio.Event()
-    return await nursery.start(serve, cfg, stop), stop
+    with trio.fail_after(60):
+        return await nursery.start(serve, cfg, stop), stop
 
 
 async def send(running: Running, password: str, size: int = 0) -> tuple[int, bytes]:

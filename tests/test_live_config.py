@@ -52,9 +52,7 @@ async def test_a_new_route_applies_without_restart(
     next message, without restarting the instance."""
     data = smtp.message()
     with trio.fail_after(30):
-        _, reply = await run(
-            lambda: smtp.send(service.smtp_port, "app", account["password"], data)
-        )
+        _, reply = await run(lambda: smtp.send(service.smtp_port, "app", account["password"], data))
         assert await delivered_by(pg_url, smtp.queued_id(reply)) == "failed:None"
         add_file(conn, "live", tmp_path / "live")
         admin.add_route(
@@ -111,7 +109,8 @@ async def test_too_big_for_the_routed_provider_is_refused_at_smtp_time(
     )
     cfg = make_config(tmp_path, pg_url, redis_url, key_prefix)
     stop = trio.Event()
-    running = await nursery.start(serve, cfg, stop)
+    with trio.fail_after(60):
+        running = await nursery.start(serve, cfg, stop)
     port = running.smtp[0][1]
     big = smtp.message(to="x@small.example", body="y" * 3000 + "\n")
 

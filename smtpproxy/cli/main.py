@@ -12,7 +12,20 @@ import sys
 import psycopg
 import typer
 
-from smtpproxy.cli import account, dbcmd, dlq, fsckcmd, provider, route, runcmd, tenant
+from smtpproxy.cli import (
+    account,
+    dbcmd,
+    dlq,
+    fsckcmd,
+    message,
+    provider,
+    queue,
+    reports,
+    route,
+    runcmd,
+    sendtest,
+    tenant,
+)
 from smtpproxy.cli.common import error_line
 from smtpproxy.errors import ConfigError, ListenError, SmtpProxyError
 
@@ -44,11 +57,15 @@ def _global(
 
 runcmd.register(app)
 fsckcmd.register(app)
+reports.register(app)  # logs, stats
+sendtest.register(app)  # send-test
 app.add_typer(dbcmd.app, name="db")
 app.add_typer(tenant.app, name="tenant")
 app.add_typer(account.app, name="account")
 app.add_typer(provider.app, name="provider")
 app.add_typer(route.app, name="route")
+app.add_typer(message.app, name="message", help="One message's whole story.")
+app.add_typer(queue.app, name="queue", help="The delivery queue.")
 app.add_typer(dlq.app, name="dlq", help="Dead letters: list, replay, purge.")
 
 

@@ -63,15 +63,12 @@ async def run_scheduler(
 
 
 async def run_reconciler(
-    res: Resources,
-    *,
-    interval: float = 30.0,
-    grace: float = 60.0,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    res: Resources, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Every interval, re-enqueue live rows that lost their stream entry (the storage
-    checker's stream check, with a short grace)."""
-    opts = fsck.options_from_config(res, repair=True, grace=grace)
+    """Every delivery.reconcile_interval, re-enqueue live rows that lost their stream
+    entry (the storage checker's stream check, with delivery.reconcile_grace)."""
+    interval = res.cfg.delivery.reconcile_interval
+    opts = fsck.options_from_config(res, repair=True, grace=res.cfg.delivery.reconcile_grace)
     task_status.started()
     while True:
         await trio.sleep(interval)
