@@ -34,8 +34,9 @@ import psycopg
 from loguru import logger
 from psycopg.rows import dict_row
 
+from smtpproxy.db.pool import connect, mapped_errors
 from smtpproxy.db.queries import Q
-from smtpproxy.errors import BodyNotFound, UsageError
+from smtpproxy.errors import BodyNotFound, QueueUnavailable, UsageError
 from smtpproxy.models import Status
 from smtpproxy.queue.streams import dead_letter_fields
 from smtpproxy.resources import Resources
@@ -98,12 +99,19 @@ class Checker:
     # -- orchestration -------------------------------------------------------------------
     def run(self) -> list[CheckResult]:
         """Run every check once (blocking); raises AlreadyRunning if another checker runs."""
-        checks = [self.live_bodies, self.orphan_bodies, self.enqueue_failed, self.stream]
+        checks = [self.live_bodies, self.orphan_bodies, self.enqueue_failed, self._stream_locked]
         if self._opts.verify:
             checks.append(self.verify)
         checks.append(self.retention)
         with self._locked(_LOCK_KEY, "another storage check is running"):
             return [check() for check in checks]
+
+    def _stream_locked(self) -> CheckResult:
+        """The stream check, unless a reconciler is doing exactly that right now."""
+        try:
+            return self.reconcile_stream()
+        except AlreadyRunning:
+            return CheckResult("stream")
 
     def reconcile_stream(self) -> CheckResult:
         """Only the stream check, under its own lock (run often by every instance)."""
@@ -112,12 +120,16 @@ class Checker:
 
     @contextmanager
     def _locked(self, key: int, busy: str) -> Iterator[None]:
-        """A session advisory lock held on its own pooled connection for the duration."""
-        with self._res.db.connection() as conn:
+        """A session advisory lock, on a connection of its own (not one of the pool's:
+        the checks need those), held for the duration."""
+        timeout = self._res.cfg.database.connect_timeout
+        with (
+            mapped_errors(),
+            connect(self._res.db.url, autocommit=True, connect_timeout=timeout) as conn,
+        ):
             row = conn.execute("SELECT pg_try_advisory_lock(%s::bigint)", (key,)).fetchone()
             if not row or not row[0]:
                 raise AlreadyRunning(busy)
-            conn.commit()
             try:
                 yield
             finally:
@@ -179,17 +191,20 @@ class Checker:
         row = self._res.db.call(mark)
         if row is None:
             return False  # it moved on meanwhile (being sent, or finished)
-        self._res.streams.add_dead_letter(
-            dead_letter_fields(
-                mid,
-                row["tenant_id"],
-                row["account_id"],
-                status=Status.STORAGE_ERROR,
-                attempts=row["attempts"],
-                reason=reason,
-            )
-        )
         logger.bind(message_id=mid).error("storage check: body missing; dead-lettered")
+        try:
+            self._res.streams.add_dead_letter(
+                dead_letter_fields(
+                    mid,
+                    row["tenant_id"],
+                    row["account_id"],
+                    status=Status.STORAGE_ERROR,
+                    attempts=row["attempts"],
+                    reason=reason,
+                )
+            )
+        except QueueUnavailable as exc:  # the row says storage_error; the entry is a courtesy
+            logger.bind(message_id=mid).warning("could not add to the dead-letter stream: {}", exc)
         return True
 
     def orphan_bodies(self) -> CheckResult:
@@ -358,12 +373,9 @@ class Checker:
     def _expire_metadata(self, result: CheckResult) -> None:
         params = {"days": self._opts.metadata_retention_days, "limit": PAGE}
         for query in (Q.retention_delete_messages, Q.retention_delete_logs):
-            while True:
-                deleted = self._res.db.call(partial(_delete_page, query=query, params=params))
-                if deleted:
-                    logger.info("retention: deleted {} expired rows", deleted)
-                if deleted < PAGE:
-                    break
+            # until nothing is left: a split parent goes only after its children went
+            while deleted := self._res.db.call(partial(_delete_page, query=query, params=params)):
+                logger.info("retention: deleted {} expired rows", deleted)
 
 
 def _touch(conn: psycopg.Connection[Any], ids: list[str]) -> None:

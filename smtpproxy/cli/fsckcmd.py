@@ -27,9 +27,13 @@ def register(app: typer.Typer) -> None:
             False, "--verify", help="Also read every stored body and check its size and SHA-256."
         ),
         quarantine: bool = typer.Option(
-            False,
-            "--quarantine",
-            help="With --repair: move orphan bodies to quarantine/ instead of deleting them.",
+            False, "--quarantine", help="Same as --orphans quarantine."
+        ),
+        orphans: str = typer.Option(
+            None,
+            "--orphans",
+            help="With --repair, orphan bodies are: quarantine (moved under quarantine/), "
+            "delete, or report (left alone). Default: storage.orphan_action.",
         ),
         grace: str = typer.Option(
             None,
@@ -56,7 +60,10 @@ def register(app: typer.Typer) -> None:
 
         cfg = config(ctx)
         overrides: dict[str, Any] = {"repair": repair, "verify": verify}
-        overrides["orphan_action"] = "quarantine" if quarantine else "delete"
+        action = "quarantine" if quarantine else (orphans or cfg.storage.orphan_action)
+        if action not in ("quarantine", "delete", "report"):
+            raise ConfigError("--orphans: expected quarantine, delete or report")
+        overrides["orphan_action"] = action
         if grace is not None:
             try:
                 overrides["grace"] = parse_duration(grace)
