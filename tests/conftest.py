@@ -29,7 +29,7 @@ from smtpproxy.resources import Resources, open_resources
 from smtpproxy.service import Running, serve
 
 RUN_ID = secrets.token_hex(4)
-TABLES = "delivery_logs, messages, routing_rules, providers, accounts, tenants"
+TABLES = "delivery_logs, messages, routing_rules, providers, accounts, tenants, audit_log"
 
 
 def _with_dbname(url: str, dbname: str) -> str:

@@ -159,7 +159,9 @@ async def test_list_retry_through_another_provider_and_audit(
         assert (tmp_path / "backup" / f"{mid}.eml").exists()
     stop.set()
     with psycopg.connect(pg_url) as c:
-        audit = c.execute("SELECT action, after FROM audit_log").fetchall()
+        audit = c.execute(
+            "SELECT action, after FROM audit_log WHERE action LIKE 'dlq.%' ORDER BY id"
+        ).fetchall()
     assert audit[0][0] == "dlq.retry"
     assert sorted(audit[0][1]["ids"]) == sorted(ids) and audit[0][1]["to_provider"] == "backup"
 

@@ -1,12 +1,78 @@
-"""`smtpproxy db migrate` and `db status`."""
+"""`smtpproxy db migrate|status|grant|revoke`, and what the administrative commands share:
+a database connection that turns a missing privilege into one line naming the role to
+ask for, and the confirmation of destructive commands."""
 
 from __future__ import annotations
 
+import enum
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
 import typer
 
-from smtpproxy.cli.common import JsonOption, config, done, emit_rows
+from smtpproxy.cli.common import JsonOption, config, database, done, emit_rows
+from smtpproxy.errors import UsageError
 
-app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app = typer.Typer(help="Database schema and access control.", no_args_is_help=True)
+
+YesOption = typer.Option(
+    False, "--yes", "-y", help="Do not ask for confirmation (needed when stdin is not a terminal)."
+)
+RolePrefixOption = typer.Option(
+    "smtpproxy",
+    "--role-prefix",
+    help="Prefix of the group role names (PREFIX_viewer, ...): give each smtpproxy "
+    "installation that shares a PostgreSQL server its own.",
+    metavar="PREFIX",
+)
+
+
+def _db_user(ctx: typer.Context) -> str:
+    """The database user the command connects as, for messages."""
+    from smtpproxy.audit import os_user
+
+    try:
+        user = psycopg.conninfo.conninfo_to_dict(config(ctx).database.url).get("user")
+    except psycopg.ProgrammingError:
+        user = None
+    return str(user or os.environ.get("PGUSER") or os_user())
+
+
+@contextmanager
+def admin_database(ctx: typer.Context, doing: str, role: str) -> Iterator[psycopg.Connection[Any]]:
+    """database(ctx), where a privilege the connected role lacks becomes one line:
+    "permission denied: your database role cannot DOING; ask an admin to run
+    `smtpproxy db grant --role ROLE USER`"."""
+    from smtpproxy.admin import permission_denied
+
+    try:
+        with database(ctx) as conn:
+            yield conn
+    except psycopg.errors.InsufficientPrivilege:
+        raise permission_denied(doing, role, _db_user(ctx)) from None
+
+
+def confirmer(yes: bool) -> Callable[[str], None]:
+    """The confirm(question) callback of a destructive command: nothing with --yes, a
+    y/N prompt on a terminal, and a refusal when stdin is not a terminal."""
+
+    def confirm(question: str) -> None:
+        if yes:
+            return
+        if not sys.stdin.isatty():
+            action = question[:1].lower() + question[1:].rstrip("?")
+            raise UsageError(
+                f"refusing to {action} without confirmation: standard input is not a "
+                "terminal (add --yes to confirm)"
+            )
+        if not typer.confirm(question, default=False):
+            raise UsageError("not confirmed: nothing was changed")
+
+    return confirm
 
 
 @app.command()
@@ -31,7 +97,10 @@ def migrate(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
 @app.command()
 def status(ctx: typer.Context, as_json: bool = JsonOption) -> None:
-    """Show which migrations are applied and which are pending."""
+    """Show which migrations are applied and which are pending.
+
+    Example: [bold]smtpproxy db status[/bold]
+    """
     from smtpproxy import embedded
     from smtpproxy.db import migrate as mig
     from smtpproxy.db.pool import connect
@@ -44,3 +113,83 @@ def status(ctx: typer.Context, as_json: bool = JsonOption) -> None:
         for m in mig.available()
     ]
     emit_rows(rows, ["version", "name", "applied"], as_json, title="migrations")
+
+
+class Role(enum.StrEnum):
+    viewer = "viewer"
+    operator = "operator"
+    admin = "admin"
+
+
+RoleOption = typer.Option(
+    ...,
+    "--role",
+    "-r",
+    help="viewer (read only), operator (accounts, providers, routes, replay) or admin.",
+    case_sensitive=False,
+)
+
+
+@app.command()
+def grant(
+    ctx: typer.Context,
+    user: str = typer.Argument(..., help="Existing database role (the login) to grant to."),
+    role: Role = RoleOption,
+    role_prefix: str = RolePrefixOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Give a database user the viewer, operator or admin role.
+
+    Creates the NOLOGIN group roles smtpproxy_viewer, smtpproxy_operator and
+    smtpproxy_admin when missing, sets their privileges on this database (again, so run
+    it after migrations too) and makes USER a member of the chosen one:
+
+    - viewer reads tenants, accounts (never password hashes), providers (never
+      secrets), routes, messages, delivery logs and the audit log
+    - operator also manages accounts, providers and routes, tests providers and
+      replays dead letters
+    - admin may do everything, including tenants and deleting history
+
+    Run it as the owner of smtpproxy's tables or a superuser, with CREATEROLE. USER must
+    exist: create it in psql first, e.g. CREATE ROLE alice LOGIN PASSWORD '...'.
+
+    Example: [bold]smtpproxy db grant --role operator alice[/bold]
+    """
+    from smtpproxy import admin
+
+    admin.role_name(role.value, role_prefix)  # a bad --role-prefix fails before connecting
+    try:
+        with database(ctx) as conn:
+            group = admin.grant_role(conn, role.value, user, role_prefix)
+    except psycopg.errors.InsufficientPrivilege:  # CREATE ROLE without CREATEROLE
+        raise admin.role_admin_denied("grant roles") from None
+    done(f"granted {group} to {user}", as_json, user=user, role=group)
+
+
+@app.command()
+def revoke(
+    ctx: typer.Context,
+    user: str = typer.Argument(..., help="Database role to take the role from."),
+    role: Role = RoleOption,
+    role_prefix: str = RolePrefixOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Take the viewer, operator or admin role away from a database user.
+
+    Example: [bold]smtpproxy db revoke --role operator alice[/bold]
+    """
+    from smtpproxy import admin
+
+    group = admin.role_name(role.value, role_prefix)
+    try:
+        with database(ctx) as conn:
+            revoked = admin.revoke_role(conn, role.value, user, role_prefix)
+    except psycopg.errors.InsufficientPrivilege:
+        raise admin.role_admin_denied("revoke roles") from None
+    done(
+        f"revoked {group} from {user}" if revoked else f"{user} is not a member of {group}",
+        as_json,
+        user=user,
+        role=group,
+        revoked=revoked,
+    )

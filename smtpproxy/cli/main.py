@@ -14,6 +14,7 @@ import typer
 
 from smtpproxy.cli import (
     account,
+    audit,
     dbcmd,
     dlq,
     fsckcmd,
@@ -58,6 +59,7 @@ def _global(
 runcmd.register(app)
 fsckcmd.register(app)
 reports.register(app)  # logs, stats
+audit.register(app)
 sendtest.register(app)  # send-test
 app.add_typer(dbcmd.app, name="db")
 app.add_typer(tenant.app, name="tenant")

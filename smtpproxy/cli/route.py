@@ -1,10 +1,11 @@
-"""`smtpproxy route add|list`."""
+"""`smtpproxy route add|list|show|move|delete`."""
 
 from __future__ import annotations
 
 import typer
 
-from smtpproxy.cli.common import JsonOption, database, done, emit_rows
+from smtpproxy.cli.common import JsonOption, done, emit_object, emit_rows
+from smtpproxy.cli.dbcmd import YesOption, admin_database, confirmer
 
 app = typer.Typer(help="Routing rules: which provider carries which mail.", no_args_is_help=True)
 
@@ -20,11 +21,13 @@ COLUMNS = [
     "enabled",
 ]
 
+IdArgument = typer.Argument(..., help="Route id, as `route list` shows it.")
+
 
 @app.command()
 def add(
     ctx: typer.Context,
-    tenant: str = typer.Option(..., "--tenant", "-t"),
+    tenant: str = typer.Option(..., "--tenant", "-t", help="Tenant the rule belongs to."),
     provider: str = typer.Option(
         ..., "--provider", "-p", help="Provider that carries matching mail."
     ),
@@ -48,7 +51,7 @@ def add(
     """
     from smtpproxy import admin
 
-    with database(ctx) as conn:
+    with admin_database(ctx, "add routes", "operator") as conn:
         rid = admin.add_route(
             conn,
             tenant,
@@ -65,12 +68,95 @@ def add(
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    tenant: str = typer.Option(None, "--tenant", "-t"),
+    tenant: str = typer.Option(None, "--tenant", "-t", help="Only this tenant's rules."),
     as_json: bool = JsonOption,
 ) -> None:
-    """List routing rules in evaluation order."""
+    """List routing rules in evaluation order.
+
+    Example: [bold]smtpproxy route list --tenant acme[/bold]
+    """
     from smtpproxy import admin
 
-    with database(ctx) as conn:
+    with admin_database(ctx, "list routes", "viewer") as conn:
         rows = admin.list_routes(conn, tenant)
     emit_rows(rows, COLUMNS, as_json, title="routes")
+
+
+@app.command()
+def show(ctx: typer.Context, route_id: int = IdArgument, as_json: bool = JsonOption) -> None:
+    """Show one routing rule.
+
+    Example: [bold]smtpproxy route show 12[/bold]
+    """
+    from smtpproxy import admin
+
+    with admin_database(ctx, "read routes", "viewer") as conn:
+        row = admin.route(conn, route_id)
+    emit_object({c: row[c] for c in [*COLUMNS, "created_at"]}, as_json)
+
+
+@app.command()
+def move(
+    ctx: typer.Context,
+    route_id: int = IdArgument,
+    priority: int = typer.Option(None, "--priority", help="The rule's new priority."),
+    before: int = typer.Option(
+        None, "--before", help="Evaluate the rule just before this one.", metavar="ID"
+    ),
+    after: int = typer.Option(
+        None, "--after", help="Evaluate the rule just after this one.", metavar="ID"
+    ),
+    as_json: bool = JsonOption,
+) -> None:
+    """Change where a rule comes in its tenant's evaluation order.
+
+    Give it a priority, or put it just before or after another rule. When there is no
+    room between the two neighbours, the tenant's rules are renumbered 10, 20, 30, ...
+    in their new order.
+
+    Example: [bold]smtpproxy route move 12 --before 7[/bold]
+    """
+    from smtpproxy import admin
+
+    with admin_database(ctx, "change routes", "operator") as conn:
+        changes = admin.move_route(conn, route_id, priority=priority, before=before, after=after)
+        row = admin.route(conn, route_id)
+    others = {i: p for i, p in changes.items() if i != route_id}
+    message = (
+        f"route {route_id} now has priority {row['priority']}"
+        if changes
+        else f"route {route_id} already has priority {row['priority']}"
+    )
+    if others:
+        message += f" (renumbered {len(others)} other rule(s))"
+    done(
+        message,
+        as_json,
+        id=route_id,
+        priority=row["priority"],
+        changed={str(i): p for i, p in changes.items()},
+    )
+
+
+@app.command()
+def delete(
+    ctx: typer.Context,
+    route_id: int = IdArgument,
+    yes: bool = YesOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Delete a routing rule. Asks for confirmation unless --yes.
+
+    Example: [bold]smtpproxy route delete 12 --yes[/bold]
+    """
+    from smtpproxy import admin
+
+    with admin_database(ctx, "delete routes", "operator") as conn:
+        r = admin.delete_route(conn, route_id, confirmer(yes))
+    done(
+        f"route {route_id} of tenant {r['tenant']} deleted",
+        as_json,
+        id=route_id,
+        tenant=r["tenant"],
+        deleted=True,
+    )

@@ -1,14 +1,17 @@
-"""`smtpproxy tenant add|list|show`."""
+"""`smtpproxy tenant add|list|show|suspend|resume|delete`."""
 
 from __future__ import annotations
 
 import typer
 
-from smtpproxy.cli.common import JsonOption, database, done, emit_object, emit_rows
+from smtpproxy.cli.common import JsonOption, done, emit_object, emit_rows
+from smtpproxy.cli.dbcmd import YesOption, admin_database, confirmer
 
 app = typer.Typer(
     help="Tenants: the customers that own accounts, providers and routes.", no_args_is_help=True
 )
+
+NameArgument = typer.Argument(..., help="Tenant name.")
 
 
 @app.command()
@@ -24,17 +27,20 @@ def add(
     """
     from smtpproxy import admin
 
-    with database(ctx) as conn:
+    with admin_database(ctx, "create tenants", "admin") as conn:
         tid = admin.add_tenant(conn, name, monthly_limit)
     done(f"tenant {name} created (id {tid})", as_json, id=tid, name=name)
 
 
 @app.command("list")
 def list_(ctx: typer.Context, as_json: bool = JsonOption) -> None:
-    """List tenants with their numbers of accounts, providers and routes."""
+    """List tenants with their numbers of accounts, providers and routes.
+
+    Example: [bold]smtpproxy tenant list --json[/bold]
+    """
     from smtpproxy import admin
 
-    with database(ctx) as conn:
+    with admin_database(ctx, "list tenants", "viewer") as conn:
         rows = admin.list_tenants(conn)
     emit_rows(
         rows,
@@ -45,14 +51,14 @@ def list_(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
 
 @app.command()
-def show(ctx: typer.Context, name: str, as_json: bool = JsonOption) -> None:
-    """Show one tenant with its accounts, providers and routes.
+def show(ctx: typer.Context, name: str = NameArgument, as_json: bool = JsonOption) -> None:
+    """Show one tenant with its accounts, providers, routes and number of messages.
 
     Example: [bold]smtpproxy tenant show acme[/bold]
     """
     from smtpproxy import admin
 
-    with database(ctx) as conn:
+    with admin_database(ctx, "read tenants", "viewer") as conn:
         t = admin.tenant(conn, name)
         t["accounts"] = [a["username"] for a in admin.list_accounts(conn, name)]
         t["providers"] = [p["name"] for p in admin.list_providers(conn, name)]
@@ -60,4 +66,63 @@ def show(ctx: typer.Context, name: str, as_json: bool = JsonOption) -> None:
             f"#{r['id']} prio {r['priority']} -> {r['provider']}"
             for r in admin.list_routes(conn, name)
         ]
+        t["messages"] = admin.tenant_dependents(conn, t["id"])["messages"]
     emit_object(t, as_json)
+
+
+def _set_status(ctx: typer.Context, name: str, status: str, as_json: bool) -> None:
+    from smtpproxy import admin
+
+    verb = "suspend" if status == "suspended" else "resume"
+    with admin_database(ctx, f"{verb} tenants", "admin") as conn:
+        changed = admin.set_tenant_status(conn, name, status)
+    word = "suspended" if status == "suspended" else "active"
+    done(
+        f"tenant {name} is now {word}" if changed else f"tenant {name} was already {word}",
+        as_json,
+        name=name,
+        status=status,
+        changed=changed,
+    )
+
+
+@app.command()
+def suspend(ctx: typer.Context, name: str = NameArgument, as_json: bool = JsonOption) -> None:
+    """Suspend a tenant: none of its accounts can log in until it is resumed.
+
+    Mail already accepted is still delivered.
+
+    Example: [bold]smtpproxy tenant suspend acme[/bold]
+    """
+    _set_status(ctx, name, "suspended", as_json)
+
+
+@app.command()
+def resume(ctx: typer.Context, name: str = NameArgument, as_json: bool = JsonOption) -> None:
+    """Resume a suspended tenant: its active accounts can log in again.
+
+    Example: [bold]smtpproxy tenant resume acme[/bold]
+    """
+    _set_status(ctx, name, "active", as_json)
+
+
+@app.command()
+def delete(
+    ctx: typer.Context,
+    name: str = NameArgument,
+    yes: bool = YesOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Delete a tenant that has nothing left.
+
+    A tenant that still has accounts, providers, routes or messages is refused, with
+    their numbers: delete those first, or suspend the tenant instead. Asks for
+    confirmation unless --yes.
+
+    Example: [bold]smtpproxy tenant delete acme --yes[/bold]
+    """
+    from smtpproxy import admin
+
+    with admin_database(ctx, "delete tenants", "admin") as conn:
+        t = admin.delete_tenant(conn, name, confirmer(yes))
+    done(f"tenant {name} deleted", as_json, id=t["id"], name=name, deleted=True)
