@@ -25,15 +25,16 @@ import sys
 import traceback
 from collections.abc import Callable, Mapping
 from functools import lru_cache
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import attrs
-import botocore.exceptions
 from loguru import logger
 
-from smtpproxy.cloudwatch import CloudWatchSink, CloudWatchStats, make_client
 from smtpproxy.config import Config
 from smtpproxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from smtpproxy.cloudwatch import CloudWatchSink, CloudWatchStats
 
 MASK = "********"
 MAX_MESSAGE_CHARS = 16 * 1024  # longer messages are cut: a body never fits in a log line
@@ -198,6 +199,11 @@ class _CloudWatchWriter:
 
 
 def _cloudwatch_sink(cfg: Config) -> CloudWatchSink:
+    # boto3 is imported only when this output is used: it costs every CLI command ~0.5 s
+    import botocore.exceptions
+
+    from smtpproxy.cloudwatch import CloudWatchSink, make_client
+
     log = cfg.log
     if log.cw_buffer_events < 1:
         raise ConfigError("log.cw_buffer_events: expected a positive integer")
