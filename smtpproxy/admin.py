@@ -25,6 +25,8 @@ has passed and before anything is deleted; it raises to cancel.
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, LiteralString
@@ -39,6 +41,7 @@ from smtpproxy.db.queries import Q
 from smtpproxy.delivery import providers
 from smtpproxy.domains import GlobError, validate_glob
 from smtpproxy.errors import ConflictError, NotFoundError, UsageError
+from smtpproxy.ingress.limits import Rate
 
 Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
@@ -57,6 +60,15 @@ def _one(conn: Conn, query: Any, params: Any) -> Row | None:
 def _all(conn: Conn, query: Any, params: Any) -> list[Row]:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(query, params).fetchall()
+
+
+class Unset(enum.Enum):
+    """Marks an optional change that was not asked for (None means "clear it")."""
+
+    UNSET = "unset"
+
+
+UNSET = Unset.UNSET
 
 
 def _insert(conn: Conn, query: Any, params: Sequence[object], what: str) -> int:
@@ -115,7 +127,42 @@ def permission_denied(doing: str, role: str, user: str) -> PermissionDenied:
 
 
 def _tenant_view(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("name", "status", "monthly_limit")}
+    return {k: row.get(k) for k in ("name", "status", "monthly_limit", "allowed_networks")}
+
+
+def normalise_networks(networks: Sequence[str]) -> list[str]:
+    """CIDRs (or single addresses) in canonical form; UsageError naming a bad one."""
+    out = []
+    for text in networks:
+        try:
+            out.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+        except ValueError:
+            raise UsageError(
+                f"network {text!r}: expected an address or CIDR like 192.0.2.0/24"
+            ) from None
+    return sorted(set(out))
+
+
+def update_tenant(
+    conn: Conn,
+    name: str,
+    *,
+    monthly_limit: int | Unset | None = UNSET,
+    networks: Sequence[str] | None = None,
+) -> Row:
+    """Change a tenant's monthly quota and/or allowed networks; returns the new view."""
+    if isinstance(monthly_limit, int) and monthly_limit < 0:
+        raise UsageError("--monthly-limit must not be negative")
+    with conn.transaction():
+        t = tenant(conn, name, lock=True)
+        limit = t["monthly_limit"] if isinstance(monthly_limit, Unset) else monthly_limit
+        nets = (
+            list(t["allowed_networks"] or []) if networks is None else normalise_networks(networks)
+        )
+        conn.execute(Q.tenant_set_limits, (limit, nets, t["id"]))
+        after = {**_tenant_view(t), "monthly_limit": limit, "allowed_networks": nets}
+        _changed(conn, [TENANT], "tenant.update", name, before=_tenant_view(t), after=after)
+    return after
 
 
 def tenant(conn: Conn, name: str, *, lock: bool = False) -> Row:
@@ -125,12 +172,20 @@ def tenant(conn: Conn, name: str, *, lock: bool = False) -> Row:
     return row
 
 
-def add_tenant(conn: Conn, name: str, monthly_limit: int | None = None) -> int:
+def add_tenant(
+    conn: Conn, name: str, monthly_limit: int | None = None, networks: Sequence[str] = ()
+) -> int:
     if monthly_limit is not None and monthly_limit < 0:
         raise UsageError("--monthly-limit must not be negative")
+    nets = normalise_networks(networks)
     with conn.transaction():
-        tid = _insert(conn, Q.tenant_insert, (name, monthly_limit), f"tenant {name!r}")
-        after = {"name": name, "status": "active", "monthly_limit": monthly_limit}
+        tid = _insert(conn, Q.tenant_insert, (name, monthly_limit, nets), f"tenant {name!r}")
+        after = {
+            "name": name,
+            "status": "active",
+            "monthly_limit": monthly_limit,
+            "allowed_networks": nets,
+        }
         _changed(conn, [TENANT], "tenant.add", name, after=after)
     return tid
 
@@ -196,7 +251,36 @@ def delete_tenant(conn: Conn, name: str, confirm: Confirm = _no_confirm) -> Row:
 
 
 def _account_view(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("username", "tenant", "status", "allowed_domains")}
+    return {
+        k: row.get(k) for k in ("username", "tenant", "status", "allowed_domains", "rate_limit")
+    }
+
+
+def normalise_rate(rate: str | None) -> str | None:
+    if rate is None:
+        return None
+    try:
+        return str(Rate.parse(rate))
+    except ValueError as exc:
+        raise UsageError(f"--rate-limit: {exc}") from None
+
+
+def update_account(
+    conn: Conn,
+    username: str,
+    *,
+    domains: Sequence[str] | None = None,
+    rate_limit: str | Unset | None = UNSET,
+) -> Row:
+    """Change an account's allowed sender domains and/or sending rate."""
+    with conn.transaction():
+        a = account(conn, username, lock=True)
+        allowed = list(a["allowed_domains"]) if domains is None else normalise_domains(domains)
+        rate = a["rate_limit"] if isinstance(rate_limit, Unset) else normalise_rate(rate_limit)
+        conn.execute(Q.account_set_limits, (allowed, rate, a["id"]))
+        after = {**_account_view(a), "allowed_domains": allowed, "rate_limit": rate}
+        _changed(conn, [ACCOUNT], "account.update", username, before=_account_view(a), after=after)
+    return after
 
 
 def normalise_domains(domains: Sequence[str]) -> list[str]:
@@ -210,17 +294,24 @@ def normalise_domains(domains: Sequence[str]) -> list[str]:
 
 
 def add_account(
-    conn: Conn, username: str, tenant_name: str, password_hash: str, domains: Sequence[str]
+    conn: Conn,
+    username: str,
+    tenant_name: str,
+    password_hash: str,
+    domains: Sequence[str],
+    *,
+    rate_limit: str | None = None,
 ) -> int:
     if not username or len(username) > 255 or any(c.isspace() for c in username):
         raise UsageError("username must be 1-255 characters without spaces")
     with conn.transaction():
         t = tenant(conn, tenant_name)
         allowed = normalise_domains(domains)
+        rate = normalise_rate(rate_limit)
         aid = _insert(
             conn,
             Q.account_insert,
-            (t["id"], username, password_hash, allowed),
+            (t["id"], username, password_hash, allowed, rate),
             f"account {username!r}",
         )
         after = {
@@ -228,6 +319,7 @@ def add_account(
             "tenant": tenant_name,
             "status": "active",
             "allowed_domains": allowed,
+            "rate_limit": rate,
             "password": "set",  # masked by audit.record; the hash never goes there
         }
         _changed(conn, [ACCOUNT], "account.add", username, after=after)

@@ -125,14 +125,22 @@ def _default_data_dir() -> str:
 @attrs.frozen
 class SmtpConfig:
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 2525),)
+    tls_listen: tuple[HostPort, ...] = ()  # implicit TLS (port 465 style)
     hostname: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     max_message_size: Size = Size(25 * 1024 * 1024)
     max_recipients: int = 100
     max_connections: int = 1000
+    max_connections_per_ip: int = 100
     allow_plaintext_auth: bool = False
-    timeout: Duration = Duration(300)
+    timeout: Duration = Duration(300)  # idle: no command or data for this long
+    max_session_duration: Duration = Duration(1800)  # a whole session, however busy
+    check_header_from: bool = False  # header From must also be in the allowed domains
+    max_queue_depth: int = 0  # backlog above which new transactions get 421 (0: off)
+    auth_cache_ttl: Duration = Duration(300)  # a verified login is remembered this long
+    auth_max_failures: int = 5  # per client IP or username within auth_failure_window
+    auth_failure_window: Duration = Duration(900)
     commit_batch_max: int = 256
     committers: int = 2
     enqueue_retry_delays: tuple[Duration, ...] = (Duration(0.5), Duration(1), Duration(2))
@@ -393,6 +401,8 @@ def _positive_counts(cfg: Config) -> list[str]:
     counts = {
         "smtp.max_recipients": cfg.smtp.max_recipients,
         "smtp.max_connections": cfg.smtp.max_connections,
+        "smtp.max_connections_per_ip": cfg.smtp.max_connections_per_ip,
+        "smtp.auth_max_failures": cfg.smtp.auth_max_failures,
         "smtp.commit_batch_max": cfg.smtp.commit_batch_max,
         "smtp.committers": cfg.smtp.committers,
         "delivery.concurrency": cfg.delivery.concurrency,

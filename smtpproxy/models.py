@@ -114,6 +114,14 @@ class AccountIdentity:
     username: str
     tenant_name: str
     allowed_domains: tuple[str, ...]
+    rate_limit: str | None = None  # 'N/s', 'N/m' or 'N/h'
+    monthly_limit: int | None = None  # the tenant's accepted messages per month
+    networks: tuple[str, ...] = ()  # the tenant's allowed client networks (CIDR)
+
+    @property
+    def limited(self) -> bool:
+        """Whether MAIL must consult the shared counters."""
+        return self.rate_limit is not None or self.monthly_limit is not None
 
 
 @attrs.frozen

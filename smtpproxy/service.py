@@ -12,7 +12,9 @@ after a restart) once the visibility timeout passes.
 from __future__ import annotations
 
 import signal
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import attrs
 import trio
@@ -36,6 +38,7 @@ from smtpproxy.supervise import supervise
 class Running:
     smtp: list[tuple[str, int]]
     health: tuple[str, int] | None
+    reload_tls: Callable[[], Awaitable[None]] = attrs.field(repr=False, default=None)
 
 
 def retry_policy(cfg: Config) -> RetryPolicy:
@@ -76,6 +79,17 @@ def _health_checks(res: Resources) -> dict[str, object]:
     return {"postgresql": postgresql, "redis": redis, "store": store}
 
 
+def _backlog_check(gate: Any) -> Callable[[], Awaitable[None]]:
+    async def queue() -> None:
+        if gate.overloaded:
+            raise RuntimeError(
+                f"delivery backlog {gate.backlog} is over smtp.max_queue_depth "
+                f"{gate.max_queue_depth}: new mail gets 421"
+            )
+
+    return queue
+
+
 def banner(cfg: Config) -> None:
     where = f"config {cfg.source}" if cfg.source else "built-in defaults (no config file found)"
     logger.info("smtpproxy starting with {}", where)
@@ -105,9 +119,16 @@ async def serve(
         holder = DirectoryHolder(await res.db.run(lambda conn: directory.load(conn, cfg, res.box)))
         health = HealthState(checks=_health_checks(res))  # type: ignore[arg-type]
         consumer = Consumer(res, holder, pool, name=consumer_name(0), policy=retry_policy(cfg))
+        forget: list[Callable[[], None]] = []  # told when the configuration changes
         async with trio.open_nursery() as nursery:
-            await nursery.start(supervise, "config-reload", lambda: run_reload(res, holder, pool))
+            await nursery.start(
+                supervise,
+                "config-reload",
+                lambda: run_reload(res, holder, pool, subscribers=forget),
+            )
             ingress = await nursery.start(partial(run_ingress, res, directory=holder))
+            forget.append(ingress.authenticator.forget)
+            health.checks["queue"] = _backlog_check(ingress.gate)
             if cfg.delivery.enabled:
                 await nursery.start(supervise, "consumer", consumer.run)
                 await nursery.start(supervise, "scheduler", lambda: run_scheduler(res))
@@ -122,7 +143,9 @@ async def serve(
                     run_health, HostPort.parse(cfg.health.listen), health
                 )
             health.listening = True
-            task_status.started(Running(smtp=ingress.bound, health=health_bound))
+            task_status.started(
+                Running(smtp=ingress.bound, health=health_bound, reload_tls=ingress.reload_tls)
+            )
             logger.info("smtpproxy ready")
 
             await stop.wait()
@@ -144,17 +167,26 @@ async def serve(
 
 
 async def run_until_signalled(cfg: Config) -> None:
-    """The main of `smtpproxy run`: serve until SIGTERM or SIGINT."""
+    """The main of `smtpproxy run`: serve until SIGTERM or SIGINT; SIGHUP reloads the
+    TLS certificate without dropping sessions."""
     stop = trio.Event()
-    async with trio.open_nursery() as nursery:
+    started: list[Running] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
 
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async def on_signals() -> None:
                 async for signum in signals:
                     logger.info("received {}", signal.Signals(signum).name)
+                    if signum == signal.SIGHUP:
+                        if started:
+                            await started[0].reload_tls()
+                        continue
                     stop.set()
+                    if not started:  # still starting (e.g. waiting for PostgreSQL): give up
+                        nursery.cancel_scope.cancel()
                     return
 
-        nursery.start_soon(on_signals)
-        await serve(cfg, stop)
-        nursery.cancel_scope.cancel()
+            nursery.start_soon(on_signals)
+            started.append(await nursery.start(serve, cfg, stop))
+            await stop.wait()
+        # serve() drained and returned; nothing else to wait for

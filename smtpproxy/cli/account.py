@@ -43,6 +43,9 @@ def add(
         help="Sender domain this account may use (repeat; *.example.com works).",
     ),
     password_stdin: bool = PasswordStdinOption,
+    rate_limit: str = typer.Option(
+        None, "--rate-limit", help="Most messages per second, minute or hour: 10/s, 600/m, 5000/h."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Create an SMTP account. Without --password-stdin a strong password is generated
@@ -56,7 +59,9 @@ def add(
     generated = not password_stdin
     password = generate_password() if generated else read_secret("Password")
     with admin_database(ctx, "create accounts", "operator") as conn:
-        aid = admin.add_account(conn, username, tenant, hash_password(password), allow_domain)
+        aid = admin.add_account(
+            conn, username, tenant, hash_password(password), allow_domain, rate_limit=rate_limit
+        )
     if as_json:
         out = {"id": aid, "username": username, "tenant": tenant}
         if generated:
@@ -66,6 +71,39 @@ def add(
     say(f"account {username} created (id {aid}) in tenant {tenant}")
     if generated:
         _print_password(password)
+
+
+@app.command()
+def update(
+    ctx: typer.Context,
+    username: str = UsernameArgument,
+    allow_domain: list[str] = typer.Option(
+        [], "--allow-domain", help="Sender domains this account may use (replaces the list)."
+    ),
+    any_domain: bool = typer.Option(False, "--any-domain", help="Allow any sender domain."),
+    rate_limit: str = typer.Option(None, "--rate-limit", help="10/s, 600/m or 5000/h."),
+    no_rate_limit: bool = typer.Option(False, "--no-rate-limit", help="Remove the rate limit."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Change an account's allowed sender domains or sending rate. Running instances
+    apply the change within a second.
+
+    Example: [bold]smtpproxy account update app1 --rate-limit 600/m --allow-domain acme.com[/bold]
+    """
+    from smtpproxy import admin
+    from smtpproxy.errors import UsageError
+
+    if rate_limit is not None and no_rate_limit:
+        raise UsageError("--rate-limit and --no-rate-limit contradict each other")
+    if allow_domain and any_domain:
+        raise UsageError("--allow-domain and --any-domain contradict each other")
+    rate: str | admin.Unset | None = admin.UNSET
+    if rate_limit is not None or no_rate_limit:
+        rate = None if no_rate_limit else rate_limit
+    domains = [] if any_domain else (allow_domain or None)
+    with admin_database(ctx, "change accounts", "operator") as conn:
+        view = admin.update_account(conn, username, domains=domains, rate_limit=rate)
+    done(f"account {username} updated", as_json, **view)
 
 
 @app.command("list")

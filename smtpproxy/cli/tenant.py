@@ -19,6 +19,9 @@ def add(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Tenant name (letters, digits, . _ -)."),
     monthly_limit: int = typer.Option(None, "--monthly-limit", help="Messages per calendar month."),
+    allow_network: list[str] = typer.Option(
+        [], "--allow-network", help="Only accept logins from this network (CIDR; repeat)."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Create a tenant.
@@ -28,8 +31,41 @@ def add(
     from smtpproxy import admin
 
     with admin_database(ctx, "create tenants", "admin") as conn:
-        tid = admin.add_tenant(conn, name, monthly_limit)
+        tid = admin.add_tenant(conn, name, monthly_limit, allow_network)
     done(f"tenant {name} created (id {tid})", as_json, id=tid, name=name)
+
+
+@app.command()
+def update(
+    ctx: typer.Context,
+    name: str = NameArgument,
+    monthly_limit: int = typer.Option(None, "--monthly-limit", help="Messages per calendar month."),
+    no_monthly_limit: bool = typer.Option(False, "--no-monthly-limit", help="Remove the quota."),
+    allow_network: list[str] = typer.Option(
+        [], "--allow-network", help="Only accept logins from these networks (replaces the list)."
+    ),
+    any_network: bool = typer.Option(False, "--any-network", help="Accept logins from anywhere."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Change a tenant's monthly quota or allowed login networks. Running instances
+    apply the change within a second.
+
+    Example: [bold]smtpproxy tenant update acme --allow-network 10.0.0.0/8[/bold]
+    """
+    from smtpproxy import admin
+    from smtpproxy.errors import UsageError
+
+    if monthly_limit is not None and no_monthly_limit:
+        raise UsageError("--monthly-limit and --no-monthly-limit contradict each other")
+    if allow_network and any_network:
+        raise UsageError("--allow-network and --any-network contradict each other")
+    limit: int | admin.Unset | None = admin.UNSET
+    if monthly_limit is not None or no_monthly_limit:
+        limit = None if no_monthly_limit else monthly_limit
+    networks = [] if any_network else (allow_network or None)
+    with admin_database(ctx, "change tenants", "admin") as conn:
+        view = admin.update_tenant(conn, name, monthly_limit=limit, networks=networks)
+    done(f"tenant {name} updated", as_json, **view)
 
 
 @app.command("list")

@@ -1,46 +1,122 @@
 """Checking SMTP credentials (runs on trio, called from AUTH through the bridge).
 
-A login is valid when the account exists, its scrypt hash matches, and neither the
-account nor its tenant is suspended; every failure looks the same to the client (535).
-An unknown username still costs one scrypt run, so timing does not reveal which
-usernames exist. A database outage is a 454 (try again), never a 535.
+A login is valid when the account exists, its scrypt hash matches, neither the account
+nor its tenant is suspended, and the client's address is in the tenant's allowed
+networks (if any). Every failure looks the same to the client (535); an unknown username
+still costs one scrypt run, so timing does not tell which usernames exist. A database
+outage is a 454 (try again), never a 535.
+
+Repeat logins are cheap: a successful check is remembered for smtp.auth_cache_ttl under
+an HMAC of the username and password with a key that exists only in this process's
+memory (no password is kept), so clients that open one connection per message do not
+pay for scrypt each time. The cache is emptied whenever the configuration changes
+(LISTEN/NOTIFY), so a new password or a suspension applies at once.
+
+Failures are counted per client IP and per username (ingress/limits.FailureTracker):
+each is answered more slowly, and past smtp.auth_max_failures the client gets 421 and
+further attempts are refused until the window passes.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import hmac
+import os
+from typing import Any
+
+import trio
 from loguru import logger
 from psycopg.rows import dict_row
 
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import DatabaseUnavailable
 from smtpproxy.ingress import replies
+from smtpproxy.ingress.limits import TOO_MANY_FAILURES, FailureTracker, ip_allowed
 from smtpproxy.models import AccountIdentity
 from smtpproxy.passwords import hash_password, verify_password
 from smtpproxy.resources import Resources
 
 _DUMMY_HASH = hash_password("smtpproxy timing equaliser")
+CACHE_SIZE = 10_000
+
+
+def identity_from_row(row: dict[str, Any]) -> AccountIdentity:
+    return AccountIdentity(
+        account_id=row["id"],
+        tenant_id=row["tenant_id"],
+        username=row["username"],
+        tenant_name=row["tenant_name"],
+        allowed_domains=tuple(row["allowed_domains"]),
+        rate_limit=row.get("rate_limit"),
+        monthly_limit=row.get("monthly_limit"),
+        networks=tuple(row.get("allowed_networks") or ()),
+    )
 
 
 class Authenticator:
     def __init__(self, res: Resources) -> None:
         self._res = res
+        smtp = res.cfg.smtp
+        self._ttl = smtp.auth_cache_ttl
+        self._key = os.urandom(32)
+        self._cache: collections.OrderedDict[bytes, tuple[AccountIdentity, float]] = (
+            collections.OrderedDict()
+        )
+        self.tracker = FailureTracker(
+            max_failures=smtp.auth_max_failures, window=smtp.auth_failure_window
+        )
+        self.cache_hits = 0
+
+    def forget(self) -> None:
+        """Drop every remembered login (the configuration changed)."""
+        self._cache.clear()
+
+    def _cache_key(self, login: bytes, password: bytes) -> bytes:
+        return hmac.new(self._key, login + b"\0" + password, hashlib.sha256).digest()
 
     async def verify(
         self, login: bytes, password: bytes, client_ip: str
     ) -> AccountIdentity | str | None:
-        """The account, None for bad credentials, or a reply text when we cannot tell."""
+        """The account, None for bad credentials, or a reply text (454, 421) to send."""
         username = login.decode("utf-8", "replace")
         log = logger.bind(username=username, client_ip=client_ip)
+        now = trio.current_time()
+        if self.tracker.locked(client_ip, username, now):
+            log.warning("AUTH refused: too many recent failures from this client or user")
+            return TOO_MANY_FAILURES
+        key = self._cache_key(login, password)
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] > now:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+            identity: AccountIdentity | None = cached[0]
+        else:
+            self._cache.pop(key, None)
+            try:
+                identity = await self._check(username, password, log)
+            except DatabaseUnavailable as exc:
+                log.warning("AUTH could not be checked: {}", exc)
+                return replies.AUTH_TEMPFAIL
+            if identity is not None:
+                self._remember(key, identity, now)
+        if identity is not None and not ip_allowed(client_ip, identity.networks):
+            log.info("AUTH failed: client address not in the tenant's allowed networks")
+            identity = None
+        if identity is None:
+            return await self._failed(client_ip, username, log)
+        self.tracker.succeeded(client_ip, username)
+        return identity
 
-        def lookup(conn):  # type: ignore[no-untyped-def]
+    async def _check(self, username: str, password: bytes, log: Any) -> AccountIdentity | None:
+        def lookup(conn: Any) -> dict[str, Any] | None:
             with conn.cursor(row_factory=dict_row) as cur:
-                return cur.execute(Q.account_for_login, (username,)).fetchone()
+                row: dict[str, Any] | None = cur.execute(
+                    Q.account_for_login, (username,)
+                ).fetchone()
+            return row
 
-        try:
-            row = await self._res.db.run(lookup)
-        except DatabaseUnavailable as exc:
-            log.warning("AUTH could not be checked: {}", exc)
-            return replies.AUTH_TEMPFAIL
+        row = await self._res.db.run(lookup)
         stored = row["password_hash"] if row else _DUMMY_HASH
         ok = await self._res.cpu_offload(verify_password, password, stored)
         if row is None or not ok:
@@ -49,10 +125,20 @@ class Authenticator:
         if row["status"] != "active" or row["tenant_status"] != "active":
             log.info("AUTH failed: account or tenant suspended")
             return None
-        return AccountIdentity(
-            account_id=row["id"],
-            tenant_id=row["tenant_id"],
-            username=row["username"],
-            tenant_name=row["tenant_name"],
-            allowed_domains=tuple(row["allowed_domains"]),
-        )
+        return identity_from_row(row)
+
+    def _remember(self, key: bytes, identity: AccountIdentity, now: float) -> None:
+        if self._ttl <= 0:
+            return
+        self._cache[key] = (identity, now + self._ttl)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    async def _failed(self, client_ip: str, username: str, log: Any) -> str | None:
+        now = trio.current_time()
+        delay = self.tracker.failed(client_ip, username, now)
+        await trio.sleep(delay)  # slows guessing; costs the server nothing
+        if self.tracker.locked(client_ip, username, now):
+            log.warning("AUTH failure limit reached: disconnecting")
+            return TOO_MANY_FAILURES
+        return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 
 import psycopg
 import trio
@@ -70,9 +71,15 @@ def body_digest(body: bytes) -> str:
 
 
 class Committer:
-    def __init__(self, res: Resources, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        res: Resources,
+        loop: asyncio.AbstractEventLoop,
+        on_accepted: Callable[[list[Submission]], Awaitable[None]] | None = None,
+    ) -> None:
         self._res = res
         self._loop = loop
+        self._on_accepted = on_accepted
         self._max = res.cfg.smtp.commit_batch_max
         self._delays = res.cfg.smtp.enqueue_retry_delays
         self._duplicate_window = res.cfg.smtp.duplicate_window
@@ -114,6 +121,8 @@ class Committer:
         answers = {s.message_id: replies.QUEUED.format(id=s.message_id) for s in fresh}
         if fresh and not await self._enqueue(fresh):
             answers = dict(zip(answers, await self._undo_enqueue(fresh), strict=True))
+        if self._on_accepted is not None:
+            await self._on_accepted([s for s in fresh if answers[s.message_id].startswith("250")])
         return [
             answers.get(s.message_id) or replies.QUEUED.format(id=originals[s.message_id])
             for s in subs

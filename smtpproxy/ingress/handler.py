@@ -1,12 +1,15 @@
 """The aiosmtpd handler: per-command decisions on the ingress (asyncio) thread.
 
-Cheap checks happen here (sender domain, recipient count); anything needing PostgreSQL,
-Redis, the store or CPU-heavy work goes to trio through a bridge portal: credentials to
-the Authenticator, accepted messages to the group Committer.
+Cheap checks happen here: sender and header From domains, recipient count, backpressure,
+the routed provider's size limit. Anything needing PostgreSQL, Redis, the store or CPU
+goes to trio through a bridge portal: credentials to the Authenticator, rate and quota
+counters to the Guard (only for accounts that have limits), accepted messages to the
+group Committer.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,12 +19,13 @@ from loguru import logger
 from smtpproxy.domains import any_matches, domain_of
 from smtpproxy.headers import summarize
 from smtpproxy.ids import new_message_id
-from smtpproxy.ingress import admission, replies
+from smtpproxy.ingress import admission, limits, replies
 from smtpproxy.ingress.bridge import BridgeError, Portal
 from smtpproxy.models import AccountIdentity, Submission
 from smtpproxy.store import key_for
 
 AuthFn = Callable[[bytes, bytes, str], Awaitable[AccountIdentity | str | None]]
+MailCheck = Callable[[AccountIdentity], Awaitable[str | None]]
 
 
 def peer_ip(session: Any) -> str:
@@ -37,24 +41,19 @@ class IngressHandler:
         calls: Portal,
         authenticate: AuthFn,
         max_recipients: int,
+        gate: Any = None,  # protocol.Gate: backlog and queue depth
+        mail_check: MailCheck | None = None,  # Guard.mail: rate and quota counters
+        check_header_from: bool = False,
         directory: Any = None,  # DirectoryHolder: `.snapshot` is the routing snapshot
     ) -> None:
         self._commit = commit
         self._calls = calls
         self._auth = authenticate
         self._max_recipients = max_recipients
+        self._gate = gate
+        self._mail_check = mail_check
+        self._check_header_from = check_header_from
         self._directory = directory
-
-    def _too_big(self, session: Any, envelope: Any, rcpts: list[str], size: int) -> str | None:
-        """A 552 reply when a recipient's provider cannot take `size` bytes."""
-        if self._directory is None:
-            return None
-        provider = admission.too_big_for(
-            self._directory.snapshot, session.account, envelope.mail_from or "", rcpts, size
-        )
-        if provider is None:
-            return None
-        return f"552 5.3.4 Message too big for the provider that delivers this mail ({provider})"
 
     async def authenticate(
         self, server: Any, session: Any, login: bytes, password: bytes
@@ -77,6 +76,18 @@ class IngressHandler:
                 "sender {} refused: not an allowed domain", address
             )
             return replies.SENDER_DENIED
+        if self._gate is not None and self._gate.overloaded:
+            return limits.BUSY_REPLY
+        if account.limited and self._mail_check is not None:
+            try:
+                refusal: str | None = await self._calls.submit((self._mail_check, (account,)))
+            except BridgeError:
+                refusal = None  # limits are best effort; acceptance itself is not
+            if refusal is not None:
+                logger.bind(account=account.username, client_ip=peer_ip(session)).info(
+                    "transaction refused: {}", refusal
+                )
+                return refusal
         return replies.SENDER_OK
 
     async def handle_RCPT(
@@ -91,20 +102,52 @@ class IngressHandler:
                 return refusal
         return replies.RECIPIENT_OK
 
+    def _too_big(self, session: Any, envelope: Any, rcpts: list[str], size: int) -> str | None:
+        """A 552 reply when a recipient's provider cannot take `size` bytes."""
+        if self._directory is None:
+            return None
+        provider = admission.too_big_for(
+            self._directory.snapshot, session.account, envelope.mail_from or "", rcpts, size
+        )
+        if provider is None:
+            return None
+        return f"552 5.3.4 Message too big for the provider that delivers this mail ({provider})"
+
+    def _header_from_refused(self, account: AccountIdentity, header_from: str) -> bool:
+        if not self._check_header_from or not account.allowed_domains:
+            return False
+        _, address = email.utils.parseaddr(header_from)
+        return not address or not any_matches(account.allowed_domains, domain_of(address))
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        reply = await self._accept(session, envelope)
+        if reply.startswith("250"):
+            session.accepted.append(reply.rsplit(" ", 1)[1])
+        else:
+            session.refused += 1
+        return reply
+
+    async def _accept(self, session: Any, envelope: Any) -> str:
         body: bytes = envelope.original_content
         refusal = self._too_big(session, envelope, envelope.rcpt_tos, len(body))
         if refusal is not None:
             return refusal
+        headers = summarize(body)
+        account: AccountIdentity = session.account
+        if self._header_from_refused(account, headers.from_):
+            logger.bind(account=account.username, client_ip=peer_ip(session)).info(
+                "message refused: header From {!r} not an allowed domain", headers.from_
+            )
+            return replies.HEADER_FROM_DENIED
         mid = new_message_id()
         sub = Submission(
             message_id=mid,
-            account=session.account,
+            account=account,
             mail_from=envelope.mail_from or "",
             rcpt_to=tuple(envelope.rcpt_tos),
             body=body,
             client_ip=peer_ip(session),
-            headers=summarize(body),
+            headers=headers,
             storage_key=key_for(mid),
             sha256=hashlib.sha256(body).hexdigest(),
         )

@@ -24,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import time
 from base64 import b64decode
 from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
+from loguru import logger
 
 from smtpproxy.ingress import replies
 from smtpproxy.ingress.dataread import DataReader, Verdict
@@ -43,20 +45,39 @@ _CHUNK = 65536
 
 
 class Gate:
-    """Counters and switches shared by every session of one ingress thread."""
+    """Counters and switches shared by every session of one ingress thread (and read by
+    trio: plain ints and bools, each written by one side only)."""
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        max_per_ip: int = 0,
+        max_session_duration: float = 0.0,
+        max_queue_depth: int = 0,
+    ) -> None:
         self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self.max_session_duration = max_session_duration
+        self.max_queue_depth = max_queue_depth
         self.sessions = 0
+        self.per_ip: dict[str, int] = {}
         self.in_data = 0
         self.draining = False
+        self.backlog = 0  # messages waiting for delivery, refreshed by trio
         self.protocols: set[RelaySMTP] = set()  # live sessions, closed at shutdown
+
+    @property
+    def overloaded(self) -> bool:
+        return bool(self.max_queue_depth) and self.backlog > self.max_queue_depth
 
 
 class RelaySession(Session):
-    """aiosmtpd's session plus the account that authenticated on it."""
+    """aiosmtpd's session plus what smtpproxy tracks of it."""
 
     account: AccountIdentity | None = None
+    accepted: list[str]
+    refused: int = 0
+    ended: str = "closed"  # how it ended, for the session log line
 
 
 class RelaySMTP(SMTP):
@@ -79,13 +100,18 @@ class RelaySMTP(SMTP):
         self._implicit_tls = implicit_tls
         self._auth_requires_tls = auth_requires_tls
         self._counted = False
+        self._ip = ""
+        self._started = 0.0
+        self._deadline: asyncio.TimerHandle | None = None
         # per instance: aiosmtpd's class-level dict is shared by every session
         self.command_size_limits = collections.defaultdict(
             lambda: self.command_size_limit, {"MAIL": 1024, "RCPT": 1024}
         )
 
     def _create_session(self) -> RelaySession:
-        return RelaySession(self.loop)
+        session = RelaySession(self.loop)
+        session.accepted = []
+        return session
 
     # typed views of aiosmtpd's Optional state, set before any command runs; no asserts:
     # aiosmtpd's __init__ reads every attribute (inspect.getmembers) before they exist
@@ -101,25 +127,86 @@ class RelaySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None and not self._counted:  # not the STARTTLS re-entry
             self._counted = True
-            self._gate.sessions += 1
-            self._gate.protocols.add(self)
+            self._started = time.monotonic()
+            peer = transport.get_extra_info("peername")
+            self._ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            gate = self._gate
+            gate.sessions += 1
+            gate.per_ip[self._ip] = gate.per_ip.get(self._ip, 0) + 1
+            gate.protocols.add(self)
+            if gate.max_session_duration:
+                self._deadline = self.loop.call_later(
+                    gate.max_session_duration, self._session_too_long
+                )
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted:
             self._counted = False
-            self._gate.sessions -= 1
-            self._gate.protocols.discard(self)
+            gate = self._gate
+            gate.sessions -= 1
+            left = gate.per_ip.get(self._ip, 1) - 1
+            if left:
+                gate.per_ip[self._ip] = left
+            else:
+                gate.per_ip.pop(self._ip, None)
+            gate.protocols.discard(self)
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._log_session()
         super().connection_lost(error)
 
+    def _log_session(self) -> None:
+        s = self.sess
+        if s is None:
+            return
+        account = s.account.username if s.account else None
+        logger.bind(
+            client_ip=self._ip,
+            account=account,
+            message_ids=s.accepted,
+            accepted=len(s.accepted),
+            refused=s.refused,
+            seconds=round(time.monotonic() - self._started, 3),
+            ended=s.ended,
+        ).info("SMTP session ended")
+
+    def _session_too_long(self) -> None:
+        self.sess.ended = "too long"
+        self._hang_up(replies.SESSION_TOO_LONG)
+
+    def _hang_up(self, reply: str) -> None:
+        """Write a final reply and close, from a callback (no await possible)."""
+        if self.transport is not None:
+            self._writer.write(replies.with_enhanced_code(reply).encode() + b"\r\n")
+            self.transport.close()
+
+    def _refuse_session(self) -> str | None:
+        gate = self._gate
+        if gate.draining:
+            return replies.SHUTTING_DOWN
+        if gate.sessions > gate.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if gate.max_per_ip and gate.per_ip.get(self._ip, 0) > gate.max_per_ip:
+            return replies.TOO_MANY_FROM_ADDRESS
+        return None
+
     async def _handle_client(self) -> None:
-        if self._gate.draining or self._gate.sessions > self._gate.max_connections:
-            reply = replies.SHUTTING_DOWN if self._gate.draining else replies.TOO_MANY_CONNECTIONS
-            await super().push(reply)
+        refusal = self._refuse_session()
+        if refusal is not None:
+            self.sess.ended = "refused: " + refusal[:3]
+            await super().push(refusal)
             if self.transport is not None:
                 self.transport.close()
             return
         await super()._handle_client()
+
+    async def _push_and_maybe_close(self, status: str) -> None:
+        """Send a reply; a 421 also ends the session (RFC 5321 4.2.2)."""
+        await self.push(status)
+        if status.startswith("421") and self.transport is not None:
+            self.sess.ended = "closed after " + status[:9]
+            self.transport.close()
 
     # -- replies -------------------------------------------------------------------
     async def push(self, status: str | bytes) -> None:
@@ -207,8 +294,8 @@ class RelaySMTP(SMTP):
         if credentials is None:
             return  # already answered (bad base64, abort)
         result = await self.event_handler.authenticate(self, self.session, *credentials)
-        if isinstance(result, str):  # e.g. 454: the check itself failed
-            await self.push(result)
+        if isinstance(result, str):  # 454: the check failed; 421: too many failures
+            await self._push_and_maybe_close(result)
         elif result is None:
             await self.push(replies.AUTH_INVALID)
         else:
@@ -320,7 +407,7 @@ class RelaySMTP(SMTP):
             self.env.mail_from = address
             self.env.mail_options.extend(options)
             self.env.smtp_utf8 = bool(smtputf8)
-        await self.push(status)
+        await self._push_and_maybe_close(status)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -343,7 +430,7 @@ class RelaySMTP(SMTP):
         if status.startswith("250"):
             self.env.rcpt_tos.append(address)
             self.env.rcpt_options.extend(options)
-        await self.push(status)
+        await self._push_and_maybe_close(status)
 
     # -- DATA ----------------------------------------------------------------------
     @syntax("DATA")
@@ -394,4 +481,4 @@ class RelaySMTP(SMTP):
         self.env.content = self.env.original_content = result.content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
-        await self.push("250 2.0.0 Ok" if status is MISSING else status)
+        await self._push_and_maybe_close("250 2.0.0 Ok" if status is MISSING else status)

@@ -23,10 +23,11 @@ import uvloop
 from loguru import logger
 
 from smtpproxy.config import HostPort
-from smtpproxy.errors import ListenError
+from smtpproxy.errors import ConfigError, ListenError
 from smtpproxy.ingress import bridge, tls
 from smtpproxy.ingress.auth import Authenticator
 from smtpproxy.ingress.commit import Committer
+from smtpproxy.ingress.guard import Guard
 from smtpproxy.ingress.handler import IngressHandler
 from smtpproxy.ingress.protocol import Gate, RelaySMTP
 from smtpproxy.resources import Resources
@@ -46,6 +47,15 @@ class IngressHandle:
     gate: Gate
     bound: list[tuple[str, int]]
     committer: Committer
+    authenticator: Authenticator
+    tls: tls.ServerTls
+
+    async def reload_tls(self) -> None:
+        """Read the certificate files again (SIGHUP); sessions in progress keep theirs."""
+        try:
+            await trio.to_thread.run_sync(self.tls.reload)
+        except ConfigError as exc:
+            logger.error("TLS certificate not reloaded, keeping the current one: {}", exc)
 
     def begin_drain(self) -> None:
         self.gate.draining = True  # read by the ingress thread; a bool store is atomic
@@ -145,24 +155,38 @@ async def run_ingress(
     task_status: trio.TaskStatus[IngressHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     cfg = res.cfg
-    listeners = listeners or [Listener(a) for a in cfg.smtp.listen]
+    smtp = cfg.smtp
+    if listeners is None:
+        listeners = [Listener(a) for a in smtp.listen]
+        listeners += [Listener(a, implicit_tls=True) for a in smtp.tls_listen]
     token = trio.lowlevel.current_trio_token()
     loop = uvloop.new_event_loop()
-    tls_ctx = tls.server_context(cfg)
-    gate = Gate(cfg.smtp.max_connections)
+    server_tls = tls.ServerTls(cfg)
+    gate = Gate(
+        smtp.max_connections,
+        max_per_ip=smtp.max_connections_per_ip,
+        max_session_duration=smtp.max_session_duration,
+        max_queue_depth=smtp.max_queue_depth,
+    )
+    guard = Guard(res, gate)
     commit_send, commit_recv = trio.open_memory_channel[bridge.Job](math.inf)
-    committer = Committer(res, loop)
+    committer = Committer(res, loop, on_accepted=guard.count_accepted)
     authenticator = Authenticator(res)
-    hostname = cfg.smtp.effective_hostname()
+    hostname = smtp.effective_hostname()
 
     async with trio.open_nursery() as nursery:
-        for _ in range(cfg.smtp.committers):
+        for _ in range(smtp.committers):
             nursery.start_soon(committer.run, commit_recv.clone())
+        if smtp.max_queue_depth:
+            await nursery.start(guard.run_backlog_monitor)
         handler = IngressHandler(
             commit=bridge.Portal(loop, token, bridge.channel_sink(commit_send)),
             calls=bridge.Portal(loop, token, bridge.call_sink(nursery, loop)),
             authenticate=authenticator.verify,
-            max_recipients=cfg.smtp.max_recipients,
+            max_recipients=smtp.max_recipients,
+            gate=gate,
+            mail_check=guard.mail,
+            check_header_from=smtp.check_header_from,
             directory=directory,
         )
 
@@ -172,14 +196,14 @@ async def run_ingress(
                     handler,
                     gate=gate,
                     implicit_tls=implicit,
-                    auth_requires_tls=not cfg.smtp.allow_plaintext_auth,
+                    auth_requires_tls=not smtp.allow_plaintext_auth,
                     hostname=hostname,
                     ident="smtpproxy ESMTP",
-                    tls_context=None if implicit else tls_ctx,
-                    data_size_limit=cfg.smtp.max_message_size,
+                    tls_context=None if implicit else server_tls.context,
+                    data_size_limit=smtp.max_message_size,
                     enable_SMTPUTF8=True,
                     decode_data=False,
-                    timeout=cfg.smtp.timeout,
+                    timeout=smtp.timeout,
                     loop=loop,
                 )
 
@@ -188,15 +212,15 @@ async def run_ingress(
         thread = IngressThread(
             loop,
             [
-                (ln, factory(ln.implicit_tls), tls_ctx if ln.implicit_tls else None)
+                (ln, factory(ln.implicit_tls), server_tls.context if ln.implicit_tls else None)
                 for ln in listeners
             ],
             gate,
         )
         bound = await trio.to_thread.run_sync(thread.start)
-        for host, port in bound:
-            logger.info("SMTP listening on {}:{}", host, port)
-        task_status.started(IngressHandle(gate, bound, committer))
+        for (host, port), ln in zip(bound, listeners, strict=False):
+            logger.info("SMTP{} listening on {}:{}", "S" if ln.implicit_tls else "", host, port)
+        task_status.started(IngressHandle(gate, bound, committer, authenticator, server_tls))
         try:
             await trio.sleep_forever()
         finally:

@@ -73,8 +73,7 @@ def certificate_paths(cfg: Config) -> tuple[Path, Path]:
     return cert, key
 
 
-def server_context(cfg: Config) -> ssl.SSLContext:
-    cert, key = certificate_paths(cfg)
+def _context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
@@ -84,3 +83,34 @@ def server_context(cfg: Config) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"smtp.tls_cert: cannot load {cert} / {key}: {exc}") from None
     return ctx
+
+
+class ServerTls:
+    """The TLS context listeners use, whose certificate can be replaced while running.
+
+    Listeners and STARTTLS always get `context`; its SNI callback (which OpenSSL calls
+    for every handshake, with or without SNI) hands each new handshake the current
+    context, so reload() swaps the certificate for new sessions and leaves sessions in
+    progress alone.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self._cert, self._key = certificate_paths(cfg)
+        self.current = _context(self._cert, self._key)
+        self.context = _context(self._cert, self._key)
+        self.context.sni_callback = self._select
+
+    def _select(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.context = self.current
+
+    def reload(self) -> None:
+        """Load the certificate files again (blocking; raises ConfigError if unusable,
+        keeping the current certificate)."""
+        self.current = _context(self._cert, self._key)
+        logger.info("TLS certificate reloaded from {}", self._cert)
+
+
+def server_context(cfg: Config) -> ssl.SSLContext:
+    cert, key = certificate_paths(cfg)
+    return _context(cert, key)

@@ -10,13 +10,20 @@ SELECT pg_notify('smtpproxy_config', %s)
 -- tenants ---------------------------------------------------------------------------------
 
 -- name: tenant_insert
-INSERT INTO tenants (name, monthly_limit) VALUES (%s, %s) RETURNING id
+INSERT INTO tenants (name, monthly_limit, allowed_networks) VALUES (%s, %s, %s::cidr[])
+RETURNING id
 
 -- name: tenant_by_name
-SELECT id, name, status, monthly_limit, created_at FROM tenants WHERE name = %s
+SELECT id, name, status, monthly_limit, allowed_networks::text[] AS allowed_networks, created_at
+FROM tenants WHERE name = %s
 
 -- name: tenant_lock
-SELECT id, name, status, monthly_limit, created_at FROM tenants WHERE name = %s FOR UPDATE
+SELECT id, name, status, monthly_limit, allowed_networks::text[] AS allowed_networks, created_at
+FROM tenants WHERE name = %s FOR UPDATE
+
+-- name: tenant_set_limits
+UPDATE tenants SET monthly_limit = %s, allowed_networks = %s::cidr[], updated_at = now()
+WHERE id = %s
 
 -- name: tenant_list
 SELECT t.id, t.name, t.status, t.monthly_limit, t.created_at,
@@ -40,8 +47,8 @@ DELETE FROM tenants WHERE id = %s
 -- accounts --------------------------------------------------------------------------------
 
 -- name: account_insert
-INSERT INTO accounts (tenant_id, username, password_hash, allowed_domains)
-VALUES (%s, %s, %s, %s) RETURNING id
+INSERT INTO accounts (tenant_id, username, password_hash, allowed_domains, rate_limit)
+VALUES (%s, %s, %s, %s, %s) RETURNING id
 
 -- name: account_list
 SELECT a.id, a.username, t.name AS tenant, a.status, a.allowed_domains, a.created_at
@@ -50,13 +57,18 @@ WHERE %(tenant)s::text IS NULL OR t.name = %(tenant)s
 ORDER BY t.name, a.username
 
 -- name: account_by_username
-SELECT a.id, a.username, t.name AS tenant, a.tenant_id, a.status, a.allowed_domains, a.created_at
+SELECT a.id, a.username, t.name AS tenant, a.tenant_id, a.status, a.allowed_domains,
+       a.rate_limit, a.created_at
 FROM accounts a JOIN tenants t ON t.id = a.tenant_id WHERE a.username = %s
 
 -- name: account_lock
-SELECT a.id, a.username, t.name AS tenant, a.tenant_id, a.status, a.allowed_domains, a.created_at
+SELECT a.id, a.username, t.name AS tenant, a.tenant_id, a.status, a.allowed_domains,
+       a.rate_limit, a.created_at
 FROM accounts a JOIN tenants t ON t.id = a.tenant_id WHERE a.username = %s
 FOR UPDATE OF a
+
+-- name: account_set_limits
+UPDATE accounts SET allowed_domains = %s, rate_limit = %s, updated_at = now() WHERE id = %s
 
 -- name: account_set_status
 UPDATE accounts SET status = %s, updated_at = now() WHERE id = %s

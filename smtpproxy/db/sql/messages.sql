@@ -147,3 +147,10 @@ ON CONFLICT (id) DO NOTHING
 
 -- name: account_id_by_username
 SELECT id FROM accounts WHERE username = %s
+
+-- name: quota_month_count
+-- A tenant's accepted messages this calendar month (UTC), to rebuild its quota counter.
+SELECT count(*) FROM messages
+WHERE tenant_id = %s
+  AND created_at >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+  AND status <> 'enqueue_failed' AND parent_id IS NULL

@@ -14,6 +14,7 @@ SELECT id, tenant_id, name, type, endpoint, settings, secret, enabled FROM provi
 
 -- name: account_for_login
 SELECT a.id, a.tenant_id, a.username, a.password_hash, a.allowed_domains, a.status,
-       t.name AS tenant_name, t.status AS tenant_status
+       a.rate_limit, t.name AS tenant_name, t.status AS tenant_status, t.monthly_limit,
+       t.allowed_networks::text[] AS allowed_networks
 FROM accounts a JOIN tenants t ON t.id = a.tenant_id
 WHERE a.username = %s
