@@ -49,5 +49,24 @@ def domain_of(address: str) -> str:
     return normalize(domain) if at else ""
 
 
+_ALNUM = r"A-Za-z0-9\u0080-\U0010ffff"  # U-labels (SMTPUTF8) as well as ASCII
+_LABEL = rf"[{_ALNUM}](?:[{_ALNUM}-]{{0,61}}[{_ALNUM}])?"
+_FQDN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+\.?")
+_LITERAL = re.compile(r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]")
+_UNQUOTED_LOCAL = re.compile(r'[^\s@"()<>\[\]\\,;:]+')
+
+
+def is_qualified_mailbox(address: str) -> bool:
+    """local@domain with a fully-qualified domain (or an address literal): what a
+    provider can deliver to. UTF-8 is allowed (SMTPUTF8); whitespace outside a quoted
+    local part and a dotless domain are not."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not (_FQDN.fullmatch(domain) or _LITERAL.fullmatch(domain)):
+        return False
+    if local.startswith('"') and local.endswith('"') and len(local) >= 2:
+        return not any(c in local for c in "\r\n")
+    return _UNQUOTED_LOCAL.fullmatch(local) is not None
+
+
 def any_matches(patterns: tuple[str, ...] | list[str], domain: str) -> bool:
     return any(domain_matches(p, domain) for p in patterns)

@@ -1,4 +1,5 @@
-"""The health endpoint: GET /healthz (alive) and GET /readyz (dependencies answer).
+"""The health endpoint: GET /healthz (alive), GET /readyz (dependencies answer) and
+GET /metrics (Prometheus text format, see scrape.py).
 
 A tiny HTTP/1.1 server (h11 on trio streams). /readyz checks PostgreSQL, Redis, the
 message store and the SMTP listeners, each bounded by a short timeout, and answers 503
@@ -18,8 +19,10 @@ import trio
 from loguru import logger
 
 from smtpproxy.config import HostPort
+from smtpproxy.metrics import CONTENT_TYPE
 
 Check = Callable[[], Awaitable[None]]
+Render = Callable[[], Awaitable[bytes]]
 CHECK_TIMEOUT = 2.0
 MAX_REQUEST = 8192
 
@@ -29,6 +32,7 @@ class HealthState:
     checks: dict[str, Check]
     draining: bool = False
     listening: bool = False
+    metrics: Render | None = None
     _cache: tuple[float, int, dict[str, object]] | None = attrs.field(default=None, init=False)
 
     async def readiness(self) -> tuple[int, dict[str, object]]:
@@ -64,18 +68,25 @@ class HealthState:
         return status, body
 
 
-async def _respond(
-    stream: trio.abc.Stream, conn: h11.Connection, status: int, body: dict[str, object]
-) -> None:
-    data = json.dumps(body).encode() + b"\n"
-    headers = [
-        ("Content-Type", "application/json"),
-        ("Content-Length", str(len(data))),
-        ("Connection", "close"),
-    ]
-    await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-    await stream.send_all(conn.send(h11.Data(data=data)))
-    await stream.send_all(conn.send(h11.EndOfMessage()))
+@attrs.define
+class _Reply:
+    stream: trio.abc.Stream
+    conn: h11.Connection
+    head: bool  # a HEAD request gets the headers only
+
+    async def json(self, status: int, body: dict[str, object]) -> None:
+        await self.send(status, json.dumps(body).encode() + b"\n", "application/json")
+
+    async def send(self, status: int, data: bytes, content_type: str) -> None:
+        headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(data))),
+            ("Connection", "close"),
+        ]
+        out = self.conn.send(h11.Response(status_code=status, headers=headers))
+        if not self.head:
+            out += self.conn.send(h11.Data(data=data))
+        await self.stream.send_all(out + self.conn.send(h11.EndOfMessage()))
 
 
 async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
@@ -98,14 +109,17 @@ async def _serve_one(stream: trio.abc.Stream, state: HealthState) -> None:
             if request is None:
                 return
             path = request.target.decode("ascii", "replace").split("?", 1)[0]
+            reply = _Reply(stream, conn, head=request.method == b"HEAD")
             if request.method not in (b"GET", b"HEAD"):
-                await _respond(stream, conn, 405, {"error": "method not allowed"})
+                await reply.json(405, {"error": "method not allowed"})
             elif path == "/healthz":
-                await _respond(stream, conn, 200, {"status": "alive"})
+                await reply.json(200, {"status": "alive"})
             elif path == "/readyz":
-                await _respond(stream, conn, *(await state.readiness()))
+                await reply.json(*(await state.readiness()))
+            elif path == "/metrics" and state.metrics is not None:
+                await reply.send(200, await state.metrics(), CONTENT_TYPE)
             else:
-                await _respond(stream, conn, 404, {"error": "not found"})
+                await reply.json(404, {"error": "not found"})
     except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:

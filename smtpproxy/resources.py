@@ -10,6 +10,7 @@ from smtpproxy import embedded
 from smtpproxy.config import Config
 from smtpproxy.crypto import SecretBox
 from smtpproxy.db.pool import Database
+from smtpproxy.metrics import Metrics
 from smtpproxy.queue.streams import Streams, connect
 from smtpproxy.store import MessageStore, open_store
 from smtpproxy.threads import Offload
@@ -27,6 +28,7 @@ class Resources:
     store_offload: Offload
     box: SecretBox
     cpu_offload: Offload  # password hashing
+    metrics: Metrics = attrs.Factory(Metrics)  # counted while serving, read by /metrics
 
     def consumer_streams(self) -> Streams:
         return Streams(self.blocking_redis, self.cfg.redis.key_prefix)

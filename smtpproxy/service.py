@@ -31,6 +31,7 @@ from smtpproxy.health import HealthState, run_health
 from smtpproxy.ingress.server import run_ingress
 from smtpproxy.reload import run_reload
 from smtpproxy.resources import Resources, open_resources
+from smtpproxy.scrape import Scraper
 from smtpproxy.supervise import supervise
 
 
@@ -129,6 +130,7 @@ async def serve(
             ingress = await nursery.start(partial(run_ingress, res, directory=holder))
             forget.append(ingress.authenticator.forget)
             health.checks["queue"] = _backlog_check(ingress.gate)
+            health.metrics = Scraper(res, ingress.gate, consumer.health).render
             if cfg.delivery.enabled:
                 await nursery.start(supervise, "consumer", consumer.run)
                 await nursery.start(supervise, "scheduler", lambda: run_scheduler(res))

@@ -128,6 +128,34 @@ async def test_sender_domain_must_be_allowed(service: Service, account: dict[str
     assert null[0] == 250
 
 
+async def test_unqualified_addresses_are_refused_at_mail_and_rcpt(
+    service: Service, account: dict[str, Any]
+) -> None:
+    """A sender or recipient that is not user@fully.qualified gets 553 at once, instead of
+    being accepted and bouncing at the provider; quoted and UTF-8 local parts pass."""
+
+    def talk() -> dict[str, tuple[int, bytes]]:
+        out = {}
+        with smtp.connect(service.smtp_port) as c:
+            smtp.login(c, "app", account["password"])
+            out["sender"] = c.docmd("MAIL FROM:<alice>")
+            out["sender ok"] = c.mail("alice@example.com")
+            for rcpt in ("bob", "bob@localhost", "@example.org", "bob@exa mple.org"):
+                out[rcpt] = c.docmd(f"RCPT TO:<{rcpt}>")
+            out["quoted"] = c.docmd('RCPT TO:<"bob smith"@example.org>')
+            out["literal"] = c.docmd("RCPT TO:<bob@[192.0.2.1]>")
+        return out
+
+    with trio.fail_after(20):
+        got = await run(talk)
+    assert got["sender"][0] == 553 and got["sender"][1].startswith(b"5.1.7")
+    assert got["sender ok"][0] == 250
+    for rcpt in ("bob", "bob@localhost", "@example.org", "bob@exa mple.org"):
+        assert got[rcpt][0] in (501, 553), (rcpt, got[rcpt])
+    assert got["bob"][1].startswith(b"5.1.3")
+    assert got["quoted"][0] == 250 and got["literal"][0] == 250
+
+
 async def test_queue_unavailable_means_451_and_nothing_delivered(
     tmp_path: Any,
     pg_url: str,

@@ -40,6 +40,7 @@ async def test_health_and_readiness(service: Service, cfg: Config) -> None:
             "redis": "ok",
             "store": "ok",
             "listeners": "ok",
+            "queue": "ok",
         }
         shutil.rmtree(cfg.storage_path)
         await trio.sleep(1.1)  # past the readiness cache

@@ -18,6 +18,7 @@ from smtpproxy.cli import (
     dbcmd,
     dlq,
     fsckcmd,
+    healthcmd,
     message,
     provider,
     queue,
@@ -61,6 +62,7 @@ fsckcmd.register(app)
 reports.register(app)  # logs, stats
 audit.register(app)
 sendtest.register(app)  # send-test
+healthcmd.register(app)
 app.add_typer(dbcmd.app, name="db")
 app.add_typer(tenant.app, name="tenant")
 app.add_typer(account.app, name="account")

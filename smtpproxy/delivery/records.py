@@ -87,7 +87,7 @@ class Recorder:
         outcome: Outcome,
         *,
         log: Any,
-        duration_ms: int = 0,
+        duration_ms: int | None = None,  # None: no provider was called
         note: str = "",
     ) -> Decision:
         """Decide what the outcome means for the message (retry policy) and record it."""
@@ -105,9 +105,11 @@ class Recorder:
         decision: Decision,
         *,
         log: Any,
-        duration_ms: int = 0,
+        duration_ms: int | None = None,  # None: no provider was called
         note: str = "",
     ) -> None:
+        called = duration_ms is not None
+        duration_ms = duration_ms or 0
         detail = "; ".join(
             part
             for part in (
@@ -140,6 +142,7 @@ class Recorder:
         if not await self.db_retrying(write, log):
             log.warning("outcome not recorded: another consumer took the message over")
             return
+        self._count(provider, decision.status.value, duration_ms if called else None)
         self._log(msg, provider, outcome, decision, duration_ms=duration_ms, log=log)
         if deferred:
             log.warning(
@@ -154,7 +157,15 @@ class Recorder:
         """A transient failure of one provider before the next one is tried."""
         row = self._log_row(msg, provider, "failover", outcome, outcome.detail, duration_ms)
         await self.db_retrying(lambda conn: conn.execute(Q.insert_delivery_log, row), log)
+        self._count(provider, "failover", duration_ms)
         log.bind(provider=provider).warning("failing over after: {}", outcome.detail)
+
+    def _count(self, provider: str, outcome: str, duration_ms: int | None) -> None:
+        metrics = self._res.metrics
+        provider = provider or "none"  # no provider was chosen (no route, body unreadable)
+        metrics.deliveries.inc(provider, outcome)
+        if duration_ms is not None:
+            metrics.delivery_seconds.observe(duration_ms / 1000, provider)
 
     @staticmethod
     def _log_row(  # noqa: PLR0917 - the columns of one delivery_logs row

@@ -16,7 +16,7 @@ from typing import Any
 
 from loguru import logger
 
-from smtpproxy.domains import any_matches, domain_of
+from smtpproxy.domains import any_matches, domain_of, is_qualified_mailbox
 from smtpproxy.headers import summarize
 from smtpproxy.ids import new_message_id
 from smtpproxy.ingress import admission, limits, replies
@@ -70,6 +70,8 @@ class IngressHandler:
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
         account: AccountIdentity = session.account
+        if address and not is_qualified_mailbox(address):
+            return replies.SENDER_UNQUALIFIED
         allowed = account.allowed_domains
         if address and allowed and not any_matches(allowed, domain_of(address)):
             logger.bind(account=account.username, client_ip=peer_ip(session)).info(
@@ -93,6 +95,8 @@ class IngressHandler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        if not is_qualified_mailbox(address):
+            return replies.RECIPIENT_UNQUALIFIED
         if len(envelope.rcpt_tos) >= self._max_recipients:
             return replies.TOO_MANY_RECIPIENTS
         declared = admission.declared_size(envelope.mail_options)

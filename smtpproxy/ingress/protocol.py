@@ -16,16 +16,20 @@ What differs from stock aiosmtpd:
   mechanism names are case-insensitive;
 * implicit-TLS listeners count as TLS for AUTH;
 * every 2xx/4xx/5xx reply carries an enhanced status code (ENHANCEDSTATUSCODES);
-* sessions over the connection limit, or arriving while draining, get 421.
+* sessions over the connection limit, or arriving while draining, get 421;
+* every reply is counted by command and code, and DATA-to-reply time is measured, for
+  /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import re
 import time
 from base64 import b64decode
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
@@ -33,6 +37,7 @@ from loguru import logger
 
 from smtpproxy.ingress import replies
 from smtpproxy.ingress.dataread import DataReader, Verdict
+from smtpproxy.metrics import Metrics
 from smtpproxy.models import AccountIdentity
 
 _FAST_ADDR = re.compile(
@@ -54,7 +59,9 @@ class Gate:
         max_per_ip: int = 0,
         max_session_duration: float = 0.0,
         max_queue_depth: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.max_session_duration = max_session_duration
@@ -107,6 +114,24 @@ class RelaySMTP(SMTP):
         self.command_size_limits = collections.defaultdict(
             lambda: self.command_size_limit, {"MAIL": 1024, "RCPT": 1024}
         )
+        # replies are counted under the command they answer
+        self._command = "CONNECT"
+        self._smtp_methods = {
+            name: self._tracked(name, method) for name, method in self._smtp_methods.items()
+        }
+
+    def _tracked(
+        self, name: str, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        @functools.wraps(method)  # keeps the @syntax attributes HELP reads
+        async def run(arg: str | None) -> None:
+            self._command = name
+            try:
+                await method(arg)
+            finally:
+                self._command = "OTHER"  # e.g. "500 command not recognized"
+
+        return run
 
     def _create_session(self) -> RelaySession:
         session = RelaySession(self.loop)
@@ -134,6 +159,7 @@ class RelaySMTP(SMTP):
             gate.sessions += 1
             gate.per_ip[self._ip] = gate.per_ip.get(self._ip, 0) + 1
             gate.protocols.add(self)
+            gate.metrics.smtp_sessions.inc()
             if gate.max_session_duration:
                 self._deadline = self.loop.call_later(
                     gate.max_session_duration, self._session_too_long
@@ -178,6 +204,7 @@ class RelaySMTP(SMTP):
     def _hang_up(self, reply: str) -> None:
         """Write a final reply and close, from a callback (no await possible)."""
         if self.transport is not None:
+            self._gate.metrics.reply(self._command, reply)
             self._writer.write(replies.with_enhanced_code(reply).encode() + b"\r\n")
             self.transport.close()
 
@@ -195,6 +222,7 @@ class RelaySMTP(SMTP):
         refusal = self._refuse_session()
         if refusal is not None:
             self.sess.ended = "refused: " + refusal[:3]
+            self._gate.metrics.reply("CONNECT", refusal)
             await super().push(refusal)
             if self.transport is not None:
                 self.transport.close()
@@ -211,11 +239,14 @@ class RelaySMTP(SMTP):
     # -- replies -------------------------------------------------------------------
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
+            self._gate.metrics.reply(self._command, status)
             await super().push(replies.with_enhanced_code(status))
         else:
             await super().push(status)
 
     async def _push_raw(self, line: str) -> None:
+        if line[3:4] != "-":  # the last line of a multi-line reply
+            self._gate.metrics.reply(self._command, line)
         await super().push(line)
 
     def is_tls(self) -> bool:
@@ -479,6 +510,14 @@ class RelaySMTP(SMTP):
             self._set_post_data_state()
             return
         self.env.content = self.env.original_content = result.content
+        started = time.monotonic()
         status = await self._call_handler_hook("DATA")
+        if status is MISSING:
+            status = "250 2.0.0 Ok"
+        metrics = self._gate.metrics
+        metrics.ingest_seconds.observe(time.monotonic() - started)
+        if status.startswith("250"):
+            metrics.messages_accepted.inc()
+            metrics.bytes_accepted.inc(amount=len(result.content))
         self._set_post_data_state()
-        await self._push_and_maybe_close("250 2.0.0 Ok" if status is MISSING else status)
+        await self._push_and_maybe_close(status)

@@ -55,6 +55,10 @@ TEMPFAIL_STORAGE = "451 4.3.0 Temporary storage failure, please try again later"
 TEMPFAIL_QUEUE = "451 4.3.0 Temporary queueing failure, please try again later"
 AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure, please try again later"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+SENDER_UNQUALIFIED = "553 5.1.7 Sender address must be a fully-qualified mailbox (user@example.com)"
+RECIPIENT_UNQUALIFIED = (
+    "553 5.1.3 Recipient address must be a fully-qualified mailbox (user@example.com)"
+)
 SENDER_DENIED = "550 5.7.1 Sender address not allowed for this account"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"

@@ -167,6 +167,7 @@ async def run_ingress(
         max_per_ip=smtp.max_connections_per_ip,
         max_session_duration=smtp.max_session_duration,
         max_queue_depth=smtp.max_queue_depth,
+        metrics=res.metrics,
     )
     guard = Guard(res, gate)
     commit_send, commit_recv = trio.open_memory_channel[bridge.Job](math.inf)

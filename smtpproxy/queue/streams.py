@@ -32,6 +32,14 @@ class Entry:
 
 
 @attrs.frozen
+class StreamBacklog:
+    entries: int
+    pending: int
+    unread: int
+    dead_letters: int
+
+
+@attrs.frozen
 class PendingInfo:
     count: int
     consumers: Mapping[str, int]
@@ -232,6 +240,37 @@ class Streams:
             for stream in streams:
                 pipe.xlen(stream)
             return sum(int(n) for n in pipe.execute())
+
+    def backlog(self) -> StreamBacklog:
+        """Totals over every stream, in one round trip: entries on the streams, entries a
+        consumer read and has not finished, entries not read yet, and the dead-letter
+        stream."""
+        streams = self.all_streams()
+        with mapped_errors():
+            pipe = self.client.pipeline(transaction=False)
+            for stream in streams:
+                pipe.xlen(stream)
+                pipe.xinfo_groups(stream)
+            pipe.xlen(self.dead_letters)
+            replies = pipe.execute(raise_on_error=False)
+        entries = pending = unread = 0
+        for length, groups in zip(replies[0:-1:2], replies[1:-1:2], strict=True):
+            n = int(length) if isinstance(length, int) else 0
+            entries += n
+            ours = (
+                []
+                if isinstance(groups, Exception)
+                else [g for g in groups if g.get("name") == GROUP]
+            )
+            # delivered entries are deleted (XACK + XDEL), so what is on a stream and not
+            # pending has not been read yet (all of it, before a consumer made the group)
+            in_flight = int(ours[0].get("pending") or 0) if ours else 0
+            pending += in_flight
+            unread += max(0, n - in_flight)
+        dead = replies[-1]
+        if isinstance(dead, Exception):
+            raise QueueUnavailable(f"redis: {dead}")
+        return StreamBacklog(entries, pending, unread, int(dead))
 
     def pending(self, stream: str) -> PendingInfo:
         with mapped_errors():

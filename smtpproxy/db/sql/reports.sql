@@ -174,3 +174,12 @@ SELECT id, name FROM tenants
 
 -- name: report_now
 SELECT now()
+
+-- name: metrics_messages
+-- Messages per unfinished or dead-lettered status, for /metrics (totals, no tenant).
+SELECT status,
+       count(*) AS n,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_s
+FROM messages
+WHERE status IN ('queued', 'retrying', 'sending', 'dlq', 'failed', 'storage_error')
+GROUP BY status
