@@ -693,19 +693,21 @@ def _route_target(row: Mapping[str, Any]) -> str:
     return f"{row['tenant']}/route/{row['id']}"
 
 
+ROUTE_FIELDS = (
+    "id",
+    "tenant",
+    "priority",
+    "sender_domain",
+    "recipient_domain",
+    "account",
+    "provider",
+    "fallbacks",
+    "enabled",
+)
+
+
 def _route_view(row: Mapping[str, Any]) -> dict[str, Any]:
-    keys = (
-        "id",
-        "tenant",
-        "priority",
-        "sender_domain",
-        "recipient_domain",
-        "account",
-        "provider",
-        "fallbacks",
-        "enabled",
-    )
-    return {k: row[k] for k in keys}
+    return {k: row[k] for k in ROUTE_FIELDS}
 
 
 def add_route(

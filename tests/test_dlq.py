@@ -181,6 +181,8 @@ async def test_purge_removes_rows_bodies_and_dead_letter_entries(
     ids, stop = await dead_letters(tmp_path, pg_url, redis_url, key_prefix, account, conn, nursery)
     stop.set()
     keep, gone = ids
+    unconfirmed = await run(lambda: run_cli(config_file, "dlq", "purge", gone))
+    fails(unconfirmed, "refusing to purge 1 messages without confirmation", "--yes")
     result = await run(
         lambda: as_json(run_cli(config_file, "dlq", "purge", gone, "--yes", "--json"))
     )
@@ -203,6 +205,11 @@ async def test_refusals(config_file: Path) -> None:
         fails(await run(lambda: run_cli(config_file, "dlq", "retry")), "filter")
         fails(
             await run(lambda: run_cli(config_file, "dlq", "retry", "01NOSUCH")), "not dead letters"
+        )
+        fails(await run(lambda: run_cli(config_file, "dlq", "purge")), "filter")
+        fails(
+            await run(lambda: run_cli(config_file, "dlq", "purge", "01NOSUCH", "--yes")),
+            "not dead letters",
         )
         fails(await run(lambda: run_cli(config_file, "dlq", "list", "--tenant", "nope")), "nope")
 

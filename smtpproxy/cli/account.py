@@ -9,6 +9,9 @@ from rich.text import Text
 
 from smtpproxy.cli.common import (
     JsonOption,
+    YesOption,
+    admin_database,
+    confirmer,
     console,
     done,
     emit_object,
@@ -16,7 +19,6 @@ from smtpproxy.cli.common import (
     read_secret,
     say,
 )
-from smtpproxy.cli.dbcmd import YesOption, admin_database, confirmer
 
 app = typer.Typer(help="SMTP accounts: the credentials clients log in with.", no_args_is_help=True)
 

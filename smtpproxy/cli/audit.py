@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         Example: [bold]smtpproxy audit --since 7d --action account.[/bold]
         """
         from smtpproxy import admin
-        from smtpproxy.cli.dbcmd import admin_database
+        from smtpproxy.cli.common import admin_database
 
         when = parse_since(since) if since is not None else None
         with admin_database(ctx, "read the audit log", "viewer") as conn:

@@ -1,27 +1,16 @@
-"""`smtpproxy db migrate|status|grant|revoke`, and what the administrative commands share:
-a database connection that turns a missing privilege into one line naming the role to
-ask for, and the confirmation of destructive commands."""
+"""`smtpproxy db migrate|status|grant|revoke`: the schema and access control."""
 
 from __future__ import annotations
 
 import enum
-import os
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import psycopg
 import typer
 
 from smtpproxy.cli.common import JsonOption, config, database, done, emit_rows
-from smtpproxy.errors import UsageError
 
 app = typer.Typer(help="Database schema and access control.", no_args_is_help=True)
 
-YesOption = typer.Option(
-    False, "--yes", "-y", help="Do not ask for confirmation (needed when stdin is not a terminal)."
-)
 RolePrefixOption = typer.Option(
     "smtpproxy",
     "--role-prefix",
@@ -29,50 +18,6 @@ RolePrefixOption = typer.Option(
     "installation that shares a PostgreSQL server its own.",
     metavar="PREFIX",
 )
-
-
-def _db_user(ctx: typer.Context) -> str:
-    """The database user the command connects as, for messages."""
-    from smtpproxy.audit import os_user
-
-    try:
-        user = psycopg.conninfo.conninfo_to_dict(config(ctx).database.url).get("user")
-    except psycopg.ProgrammingError:
-        user = None
-    return str(user or os.environ.get("PGUSER") or os_user())
-
-
-@contextmanager
-def admin_database(ctx: typer.Context, doing: str, role: str) -> Iterator[psycopg.Connection[Any]]:
-    """database(ctx), where a privilege the connected role lacks becomes one line:
-    "permission denied: your database role cannot DOING; ask an admin to run
-    `smtpproxy db grant --role ROLE USER`"."""
-    from smtpproxy.admin import permission_denied
-
-    try:
-        with database(ctx) as conn:
-            yield conn
-    except psycopg.errors.InsufficientPrivilege:
-        raise permission_denied(doing, role, _db_user(ctx)) from None
-
-
-def confirmer(yes: bool) -> Callable[[str], None]:
-    """The confirm(question) callback of a destructive command: nothing with --yes, a
-    y/N prompt on a terminal, and a refusal when stdin is not a terminal."""
-
-    def confirm(question: str) -> None:
-        if yes:
-            return
-        if not sys.stdin.isatty():
-            action = question[:1].lower() + question[1:].rstrip("?")
-            raise UsageError(
-                f"refusing to {action} without confirmation: standard input is not a "
-                "terminal (add --yes to confirm)"
-            )
-        if not typer.confirm(question, default=False):
-            raise UsageError("not confirmed: nothing was changed")
-
-    return confirm
 
 
 @app.command()

@@ -7,12 +7,23 @@ another provider), `purge` removes them with their bodies; both can be previewed
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import typer
 
-from smtpproxy.cli.common import JsonOption, config, database, done, emit_rows, say
+from smtpproxy.cli.common import (
+    JsonOption,
+    YesOption,
+    admin_database,
+    config,
+    confirmer,
+    done,
+    emit_rows,
+    say,
+)
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -74,6 +85,36 @@ def _select(
     return rows
 
 
+def _chosen(
+    conn: Any, ids: list[str] | None, limit: int, **filters: str | None
+) -> list[dict[str, Any]]:
+    """The dead letters a retry or purge acts on: the ids named (each must be one) or
+    those the filters select; with neither, nothing (refused)."""
+    from smtpproxy.errors import UsageError
+
+    if not ids and not any(filters.values()):
+        raise UsageError("name message ids or give a filter (--tenant, --since, ...)")
+    rows = _select(conn, ids=ids, limit=limit, **filters)
+    if ids:
+        missing = sorted(set(ids) - {r["id"] for r in rows})
+        if missing:
+            raise UsageError(f"not dead letters: {', '.join(missing)}")
+    return rows
+
+
+@contextmanager
+def _streams(cfg: Any) -> Iterator[Any]:
+    """The installation's Redis streams, for one command."""
+    from smtpproxy import embedded
+    from smtpproxy.queue.streams import Streams, connect
+
+    client = connect(embedded.redis_url(cfg), socket_timeout=cfg.redis.socket_timeout)
+    try:
+        yield Streams(client, cfg.redis.key_prefix)
+    finally:
+        client.close()
+
+
 TenantOpt = typer.Option(None, "--tenant", "-t", help="Only this tenant's messages.")
 ProviderOpt = typer.Option(None, "--provider", help="Only messages last tried with this provider.")
 SinceOpt = typer.Option(None, "--since", help="Only messages that ended since (2h, 7d, or a date).")
@@ -98,7 +139,7 @@ def list_(
 
     Example: [bold]smtpproxy dlq list --tenant acme --since 1d --reason 429[/bold]
     """
-    with database(ctx) as conn:
+    with admin_database(ctx, "read dead letters", "viewer") as conn:
         rows = _select(
             conn,
             ids=None,
@@ -110,19 +151,6 @@ def list_(
             limit=limit,
         )
     emit_rows(rows, COLUMNS, as_json, title="dead letters")
-
-
-def _confirm(what: str, yes: bool) -> None:
-    import sys
-
-    from smtpproxy.errors import UsageError
-
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise UsageError(f"refusing to {what} without --yes (standard input is not a terminal)")
-    if not typer.confirm(f"{what}?"):
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -141,7 +169,7 @@ def retry(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Show what would be retried; change nothing."
     ),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    yes: bool = YesOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Put dead letters back in the queue with a fresh attempt count.
@@ -153,26 +181,19 @@ def retry(
     """
     from smtpproxy import audit
     from smtpproxy.db.queries import Q
-    from smtpproxy.errors import UsageError
 
-    if not ids and not any((tenant, provider, since, reason, status)):
-        raise UsageError("name message ids or give a filter (--tenant, --since, ...)")
     cfg = config(ctx)
-    with database(ctx) as conn:
-        rows = _select(
+    with admin_database(ctx, "retry dead letters", "operator") as conn:
+        rows = _chosen(
             conn,
-            ids=ids,
+            ids,
+            limit,
             tenant=tenant,
             provider=provider,
             since=since,
             reason=reason,
             status=status,
-            limit=limit,
         )
-        if ids:
-            missing = sorted(set(ids) - {r["id"] for r in rows})
-            if missing:
-                raise UsageError(f"not dead letters: {', '.join(missing)}")
         usable = [
             r for r in rows if r["body_deleted_at"] is None and r["status"] != "storage_error"
         ]
@@ -182,7 +203,7 @@ def retry(
         if dry_run or not usable:
             _report(usable, skipped, as_json, dry_run=True)
             return
-        _confirm(f"retry {len(usable)} messages", yes)
+        confirmer(yes)(f"Retry {len(usable)} messages?")
         requeued = conn.execute(
             Q.dlq_requeue, {"ids": [r["id"] for r in usable], "provider": to_provider}
         ).fetchall()
@@ -211,22 +232,18 @@ def _check_provider(conn: Any, cfg: Any, tenants: set[str], name: str) -> None:
 
 def _enqueue(cfg: Any, rows: list[Any]) -> None:
     """XADD the requeued messages; if Redis is down the reconciler picks them up."""
-    from smtpproxy import embedded
     from smtpproxy.errors import QueueUnavailable
-    from smtpproxy.queue.streams import Streams, connect
 
-    client = connect(embedded.redis_url(cfg), socket_timeout=cfg.redis.socket_timeout)
     try:
-        Streams(client, cfg.redis.key_prefix).add_many(
-            [{"id": str(r[0]), "tenant_id": str(r[1]), "account_id": str(r[2])} for r in rows]
-        )
+        with _streams(cfg) as streams:
+            streams.add_many(
+                [{"id": str(r[0]), "tenant_id": str(r[1]), "account_id": str(r[2])} for r in rows]
+            )
     except QueueUnavailable:
         say(
             "note: Redis is unavailable; the messages are queued in PostgreSQL and will be "
             "enqueued by a running instance within a minute"
         )
-    finally:
-        client.close()
 
 
 def _report(
@@ -258,7 +275,7 @@ def purge(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Show what would be purged; change nothing."
     ),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    yes: bool = YesOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Delete dead letters: their rows, delivery logs, bodies and dead-letter entries.
@@ -267,22 +284,19 @@ def purge(
     """
     from smtpproxy import audit
     from smtpproxy.db.queries import Q
-    from smtpproxy.errors import UsageError
     from smtpproxy.store import open_store
 
-    if not ids and not any((tenant, provider, since, reason, status)):
-        raise UsageError("name message ids or give a filter (--tenant, --since, ...)")
     cfg = config(ctx)
-    with database(ctx) as conn:
-        rows = _select(
+    with admin_database(ctx, "purge dead letters", "operator") as conn:
+        rows = _chosen(
             conn,
-            ids=ids,
+            ids,
+            limit,
             tenant=tenant,
             provider=provider,
             since=since,
             reason=reason,
             status=status,
-            limit=limit,
         )
         if dry_run or not rows:
             done(
@@ -294,7 +308,7 @@ def purge(
             if not as_json and dry_run and rows:
                 emit_rows(rows, COLUMNS, False, title="would purge")
             return
-        _confirm(f"purge {len(rows)} messages", yes)
+        confirmer(yes)(f"Purge {len(rows)} messages?")
         deleted = conn.execute(Q.dlq_delete, {"ids": [r["id"] for r in rows]}).fetchall()
         keys = {str(r[1]) for r in deleted}
         unused = [k for k in keys if not _key_in_use(conn, k)]
@@ -323,15 +337,10 @@ def _key_in_use(conn: Any, key: str) -> bool:
 
 def _forget_dead_letters(cfg: Any, ids: set[str]) -> None:
     """Remove the purged messages' entries from the dead-letter stream."""
-    from smtpproxy import embedded
     from smtpproxy.errors import QueueUnavailable
-    from smtpproxy.queue.streams import Streams, connect
 
-    client = connect(embedded.redis_url(cfg), socket_timeout=cfg.redis.socket_timeout)
     try:
-        streams = Streams(client, cfg.redis.key_prefix)
-        streams.delete_dead_letters(ids)
+        with _streams(cfg) as streams:
+            streams.delete_dead_letters(ids)
     except QueueUnavailable:
         say("note: Redis is unavailable; dead-letter stream entries were left in place")
-    finally:
-        client.close()

@@ -9,14 +9,16 @@ import typer
 
 from smtpproxy.cli.common import (
     JsonOption,
+    YesOption,
+    admin_database,
     config,
+    confirmer,
     done,
     emit_object,
     emit_rows,
     read_secret,
     say,
 )
-from smtpproxy.cli.dbcmd import YesOption, admin_database, confirmer
 from smtpproxy.errors import UsageError
 
 app = typer.Typer(help="Email providers a tenant delivers through.", no_args_is_help=True)

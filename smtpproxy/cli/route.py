@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import typer
 
-from smtpproxy.cli.common import JsonOption, done, emit_object, emit_rows
-from smtpproxy.cli.dbcmd import YesOption, admin_database, confirmer
+from smtpproxy import admin
+from smtpproxy.cli.common import (
+    JsonOption,
+    YesOption,
+    admin_database,
+    confirmer,
+    done,
+    emit_object,
+    emit_rows,
+)
 
 app = typer.Typer(help="Routing rules: which provider carries which mail.", no_args_is_help=True)
 
-COLUMNS = [
-    "id",
-    "tenant",
-    "priority",
-    "sender_domain",
-    "recipient_domain",
-    "account",
-    "provider",
-    "fallbacks",
-    "enabled",
-]
+COLUMNS = list(admin.ROUTE_FIELDS)
 
 IdArgument = typer.Argument(..., help="Route id, as `route list` shows it.")
 

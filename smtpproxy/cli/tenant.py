@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from smtpproxy.cli.common import JsonOption, done, emit_object, emit_rows
-from smtpproxy.cli.dbcmd import YesOption, admin_database, confirmer
+from smtpproxy.cli.common import (
+    JsonOption,
+    YesOption,
+    admin_database,
+    confirmer,
+    done,
+    emit_object,
+    emit_rows,
+)
 
 app = typer.Typer(
     help="Tenants: the customers that own accounts, providers and routes.", no_args_is_help=True

@@ -35,6 +35,25 @@ class ProviderSpec:
     def setting(self, key: str, default: Any = None) -> Any:
         return self.settings.get(key, default)
 
+    def positive(self, key: str, default: float) -> float:
+        """A setting that must be a positive number."""
+        return self._positive(key, default, float)
+
+    def positive_int(self, key: str, default: int) -> int:
+        """A setting that must be a positive whole number."""
+        return int(self._positive(key, default, int))
+
+    def _positive(self, key: str, default: float, convert: Callable[[Any], float]) -> float:
+        try:
+            value = convert(self.settings.get(key, default))
+        except (TypeError, ValueError):
+            raise ProviderConfigError(
+                f"provider {self.name}: setting {key!r} must be a number"
+            ) from None
+        if value <= 0:
+            raise ProviderConfigError(f"provider {self.name}: setting {key!r} must be positive")
+        return value
+
     def require(self, key: str) -> Any:
         value = self.settings.get(key)
         if value in (None, ""):

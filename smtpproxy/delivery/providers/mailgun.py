@@ -139,18 +139,6 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
     return outcome
 
 
-def _setting_number(spec: ProviderSpec, key: str, default: float) -> float:
-    try:
-        value = float(spec.setting(key, default))
-    except (TypeError, ValueError):
-        raise ProviderConfigError(
-            f"provider {spec.name}: setting {key!r} must be a number"
-        ) from None
-    if value <= 0:
-        raise ProviderConfigError(f"provider {spec.name}: setting {key!r} must be positive")
-    return value
-
-
 class MailgunProvider:
     def __init__(self, spec: ProviderSpec) -> None:
         self.spec = spec
@@ -160,8 +148,8 @@ class MailgunProvider:
         self._auth = httpx.BasicAuth("api", self._key)
         self._client = http.open_client(
             base,
-            timeout=_setting_number(spec, "timeout", http.DEFAULT_TIMEOUT),
-            max_connections=int(_setting_number(spec, "max_connections", 20)),
+            timeout=spec.positive("timeout", http.DEFAULT_TIMEOUT),
+            max_connections=spec.positive_int("max_connections", 20),
         )
 
     def _scrubbed(self, outcome: Outcome) -> Outcome:

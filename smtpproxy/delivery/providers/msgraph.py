@@ -304,16 +304,6 @@ def _bool(spec: ProviderSpec, key: str, default: bool) -> bool:
     raise ProviderConfigError(f"provider {spec.name}: {key} must be true or false")
 
 
-def _number(spec: ProviderSpec, key: str, default: float) -> float:
-    try:
-        value = float(spec.setting(key, default))
-    except (TypeError, ValueError):
-        raise ProviderConfigError(f"provider {spec.name}: {key} must be a number") from None
-    if value <= 0:
-        raise ProviderConfigError(f"provider {spec.name}: {key} must be positive")
-    return value
-
-
 class GraphProvider:
     def __init__(self, spec: ProviderSpec) -> None:
         self.spec = spec
@@ -327,13 +317,13 @@ class GraphProvider:
                 "sendMail always saves a copy in Sent Items"
             )
         self._scope = str(spec.setting("scope") or SCOPE)
-        timeout = _number(spec, "timeout", http.DEFAULT_TIMEOUT)
+        timeout = spec.positive("timeout", http.DEFAULT_TIMEOUT)
         self._path = f"/v1.0/users/{quote(self.user, safe='@')}/sendMail"
         self._token_path = f"/{quote(self._tenant, safe='')}/oauth2/v2.0/token"
         self._graph = http.open_client(
             spec.endpoint or GRAPH_ENDPOINT,
             timeout=timeout,
-            max_connections=int(_number(spec, "max_connections", 20)),
+            max_connections=spec.positive_int("max_connections", 20),
         )
         self._login = http.open_client(
             str(spec.setting("login_endpoint") or LOGIN_ENDPOINT),

@@ -397,18 +397,6 @@ def combine(results: Sequence[tuple[tuple[str, ...], Outcome]]) -> Outcome:
     )
 
 
-def _setting_number(spec: ProviderSpec, key: str, default: float) -> float:
-    try:
-        value = float(spec.setting(key, default))
-    except (TypeError, ValueError):
-        raise ProviderConfigError(
-            f"provider {spec.name}: setting {key!r} must be a number"
-        ) from None
-    if value <= 0:
-        raise ProviderConfigError(f"provider {spec.name}: setting {key!r} must be positive")
-    return value
-
-
 class PostmarkProvider:
     def __init__(self, spec: ProviderSpec) -> None:
         self.spec = spec
@@ -419,8 +407,8 @@ class PostmarkProvider:
         self._token = spec.require_secret("server token")
         self._client = http.open_client(
             spec.endpoint or ENDPOINT,
-            timeout=_setting_number(spec, "timeout", http.DEFAULT_TIMEOUT),
-            max_connections=int(_setting_number(spec, "max_connections", 20)),
+            timeout=spec.positive("timeout", http.DEFAULT_TIMEOUT),
+            max_connections=spec.positive_int("max_connections", 20),
         )
 
     async def _post(self, recipients: tuple[str, ...], payload: bytes) -> Outcome:

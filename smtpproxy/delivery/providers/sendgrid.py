@@ -192,8 +192,8 @@ class SendGridProvider:
         self._key = spec.require_secret("API key")
         self._client = http.open_client(
             spec.endpoint or ENDPOINTS[region],
-            timeout=float(spec.setting("timeout", http.DEFAULT_TIMEOUT)),
-            max_connections=int(spec.setting("max_connections", 20)),
+            timeout=spec.positive("timeout", http.DEFAULT_TIMEOUT),
+            max_connections=spec.positive_int("max_connections", 20),
         )
 
     async def send(self, delivery: Delivery) -> Outcome:

@@ -214,16 +214,6 @@ def classify(error: Exception, *, redact: Iterable[str] = ()) -> Outcome:
     return Outcome.retry(f"SES call failed: {type(error).__name__}")
 
 
-def _int_setting(spec: ProviderSpec, key: str, default: int) -> int:
-    try:
-        value = int(spec.setting(key, default))
-    except (TypeError, ValueError):
-        raise ProviderConfigError(f"provider {spec.name}: {key} must be a number") from None
-    if value <= 0:
-        raise ProviderConfigError(f"provider {spec.name}: {key} must be positive")
-    return value
-
-
 class SesProvider:
     def __init__(self, spec: ProviderSpec) -> None:
         self.spec = spec
@@ -237,19 +227,14 @@ class SesProvider:
             )
         self._redact = (access_key_id, spec.secret or "")
         self._configuration_set = str(spec.setting("configuration_set") or "") or None
-        self._max_bytes = _int_setting(spec, "max_message_bytes", MAX_MESSAGE_BYTES)
+        self._max_bytes = spec.positive_int("max_message_bytes", MAX_MESSAGE_BYTES)
         if self._max_bytes > MAX_MESSAGE_BYTES:
             raise ProviderConfigError(
                 f"provider {spec.name}: max_message_bytes can only lower SES's limit "
                 f"({MAX_MESSAGE_BYTES})"
             )
-        try:
-            timeout = float(spec.setting("timeout", http.DEFAULT_TIMEOUT))
-        except (TypeError, ValueError):
-            raise ProviderConfigError(f"provider {spec.name}: timeout must be a number") from None
-        if timeout <= 0:
-            raise ProviderConfigError(f"provider {spec.name}: timeout must be positive")
-        connections = _int_setting(spec, "max_connections", DEFAULT_MAX_CONNECTIONS)
+        timeout = spec.positive("timeout", http.DEFAULT_TIMEOUT)
+        connections = spec.positive_int("max_connections", DEFAULT_MAX_CONNECTIONS)
         session = boto3.session.Session(
             aws_access_key_id=access_key_id or None,
             aws_secret_access_key=spec.secret if access_key_id else None,
