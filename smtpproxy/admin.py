@@ -470,8 +470,11 @@ def _check_endpoint(endpoint: str | None) -> None:
 
 
 def _validate(spec: providers.ProviderSpec) -> None:
+    """Setting names, required settings and the secret, then the values: the provider is
+    built (no connection is made) so a bad region or timeout is refused now, not at the
+    first delivery."""
     try:
-        providers.provider_type(spec.type).validate(spec)
+        providers.build(spec)
     except providers.ProviderConfigError as exc:
         raise UsageError(str(exc)) from None
 
@@ -898,6 +901,7 @@ _MESSAGE_STATUS_COLUMNS = (
     "claimed_at",
     "last_error",
     "route_override",
+    "replayed_at",
     "provider_name",
     "provider_message_id",
     "updated_at",

@@ -187,15 +187,15 @@ class Metrics:
         )
         self.deliveries = Counter(
             "smtpproxy_deliveries",
-            "Delivery attempts, by provider and what the attempt led to "
+            "Delivery attempts, by tenant id, provider and what the attempt led to "
             "(delivered, retrying, failed, dlq, failover, ...).",
-            ("provider", "outcome"),
+            ("tenant", "provider", "outcome"),
         )
         self.delivery_seconds = Histogram(
             "smtpproxy_delivery_seconds",
-            "Duration of provider API calls.",
+            "Duration of provider API calls, by tenant id and provider.",
             DELIVERY_BUCKETS,
-            ("provider",),
+            ("tenant", "provider"),
         )
 
     def reply(self, command: str, status: str) -> None:

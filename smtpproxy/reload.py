@@ -83,9 +83,11 @@ async def run_reload(
                 continue
             holder.snapshot = snapshot  # type: ignore[attr-defined]
             last_full = trio.current_time()
-            for forget in subscribers or ():
-                forget()
-            if payloads:
+            if payloads:  # a change was announced (or the listener reconnected)
+                # caches (e.g. verified credentials) go only then: the periodic reload is
+                # a safety net, and emptying them every time would cap their lifetime
+                for forget in subscribers or ():
+                    forget()
                 logger.info("configuration reloaded ({})", ", ".join(sorted(set(payloads))))
             await pool.aclose_retired()
     finally:

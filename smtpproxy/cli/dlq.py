@@ -201,7 +201,7 @@ def retry(
         if to_provider is not None:
             _check_provider(conn, cfg, {r["tenant"] for r in usable}, to_provider)
         if dry_run or not usable:
-            _report(usable, skipped, as_json, dry_run=True)
+            _report(usable, skipped, as_json, dry_run=dry_run)
             return
         confirmer(yes)(f"Retry {len(usable)} messages?")
         requeued = conn.execute(
@@ -249,10 +249,12 @@ def _enqueue(cfg: Any, rows: list[Any]) -> None:
 def _report(
     rows: list[dict[str, Any]], skipped: list[str], as_json: bool, dry_run: bool = False
 ) -> None:
-    verb = "would retry" if dry_run else "retried"
+    if dry_run:
+        summary = f"would retry {len(rows)} messages"
+    else:
+        summary = f"retried {len(rows)} messages" if rows else "nothing to retry"
     done(
-        f"{verb} {len(rows)} messages"
-        + (f"; skipped {len(skipped)} without a body" if skipped else ""),
+        summary + (f"; skipped {len(skipped)} without a body" if skipped else ""),
         as_json,
         dry_run=dry_run,
         ids=[r["id"] for r in rows],
@@ -280,6 +282,9 @@ def purge(
 ) -> None:
     """Delete dead letters: their rows, delivery logs, bodies and dead-letter entries.
 
+    It deletes message history, so a database role needs the admin grant for it
+    (an operator may list and retry dead letters).
+
     Example: [bold]smtpproxy dlq purge --status failed --since 30d --dry-run[/bold]
     """
     from smtpproxy import audit
@@ -287,7 +292,7 @@ def purge(
     from smtpproxy.store import open_store
 
     cfg = config(ctx)
-    with admin_database(ctx, "purge dead letters", "operator") as conn:
+    with admin_database(ctx, "purge dead letters (it deletes message history)", "admin") as conn:
         rows = _chosen(
             conn,
             ids,

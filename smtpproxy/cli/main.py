@@ -33,8 +33,8 @@ from smtpproxy.errors import ConfigError, ListenError, SmtpProxyError
 
 app = typer.Typer(
     name="smtpproxy",
-    help="An SMTP relay that delivers through SendGrid, Amazon SES, Mailgun, Microsoft Graph "
-    "and Postmark.",
+    help="An SMTP relay that delivers through SendGrid, Amazon SES, Mailgun, Microsoft Graph, "
+    "Postmark or an upstream SMTP server.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,

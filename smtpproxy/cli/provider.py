@@ -51,7 +51,11 @@ def add(
         help="sendgrid, ses, mailgun, msgraph, postmark, smtp or file.",
         autocompletion=_types,
     ),
-    endpoint: str = typer.Option(None, "--endpoint", help="Override the API base URL."),
+    endpoint: str = typer.Option(
+        None,
+        "--endpoint",
+        help="Override the API base URL (smtp: smtp://host:port or smtps://host:port).",
+    ),
     settings: list[str] = typer.Option([], "--set", help="Setting as key=value (repeat)."),
     secret_stdin: bool = SecretStdinOption,
     as_json: bool = JsonOption,
@@ -130,7 +134,9 @@ def update(
     name: str = NameArgument,
     tenant: str = TenantOption,
     endpoint: str = typer.Option(
-        None, "--endpoint", help="New API base URL; an empty string restores the default."
+        None,
+        "--endpoint",
+        help="New API base URL (smtp: smtp://host:port); an empty string restores the default.",
     ),
     settings: list[str] = typer.Option(
         [], "--set", help="Set or change a setting, key=value (repeat)."

@@ -99,6 +99,7 @@ class Deliverer:
     ) -> None:
         passed_over: list[str] = []  # why earlier candidates were not used
         wait_for_circuit: float | None = None
+        failed_over = False  # a provider failed transiently and the next one was tried
         candidates = [group.provider, *group.fallbacks]
         for i, name in enumerate(candidates):
             last = i == len(candidates) - 1
@@ -114,7 +115,8 @@ class Deliverer:
                 continue
             key = (spec.tenant_id, name)
             breaker = self._health.breaker(key)
-            ceiling = min(int(spec.setting("max_connections", 20)), self._concurrency)
+            default = providers.provider_type(spec.type).max_connections
+            ceiling = min(spec.positive_int("max_connections", default), self._concurrency)
             throttle = self._health.throttle(key, ceiling)
             if not await throttle.acquire(self._provider_wait):
                 await self._rec.release(msg, f"provider {name} is at its concurrency limit", log)
@@ -135,15 +137,18 @@ class Deliverer:
             if transient and not last:
                 await self._rec.failover(msg, name, outcome, duration_ms=duration_ms, log=log)
                 passed_over.append(f"{name}: {outcome.detail}")
+                failed_over = True
                 continue
             note = ""
             if name != group.provider or passed_over:
                 note = f"via {name}" + (f" after {'; '.join(passed_over)}" if passed_over else "")
             await self._rec.outcome(msg, name, outcome, log=log, duration_ms=duration_ms, note=note)
             return
-        # no candidate was called
+        # no candidate delivered or refused the message: the ones after a transient
+        # failure or an open circuit were missing, disabled or misconfigured
         reason = "; ".join(passed_over)
-        if wait_for_circuit is not None:
+        if wait_for_circuit is not None or failed_over:
+            # something only temporarily unavailable stood in the way: try again later
             outcome = Outcome.retry(
                 f"no provider available ({reason})", retry_after=wait_for_circuit
             )

@@ -119,7 +119,7 @@ class ProviderHealth:
         return current
 
     def snapshot(self) -> dict[str, dict[str, object]]:
-        """State per provider, for metrics and `queue status`."""
+        """State per provider (tenant id/name), for /metrics."""
         out: dict[str, dict[str, object]] = {}
         for (tenant, name), b in self._breakers.items():
             t = self._throttles.get((tenant, name))

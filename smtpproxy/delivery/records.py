@@ -39,6 +39,7 @@ class Claimed:
     attempts: int
     created_at: datetime
     route_override: str | None = None
+    age_from: datetime | None = None  # replayed_at of a replayed dead letter
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claimed:
@@ -52,10 +53,12 @@ class Claimed:
             attempts=row["attempts"],
             created_at=row["created_at"],
             route_override=row.get("route_override"),
+            age_from=row.get("age_from"),
         )
 
     def age(self) -> float:
-        return (datetime.now(UTC) - self.created_at).total_seconds()
+        """Seconds since acceptance, or since an operator replayed it (for max_age)."""
+        return (datetime.now(UTC) - (self.age_from or self.created_at)).total_seconds()
 
 
 def _when(delay: float | None) -> datetime | None:
@@ -142,7 +145,7 @@ class Recorder:
         if not await self.db_retrying(write, log):
             log.warning("outcome not recorded: another consumer took the message over")
             return
-        self._count(provider, decision.status.value, duration_ms if called else None)
+        self._count(msg, provider, decision.status.value, duration_ms if called else None)
         self._log(msg, provider, outcome, decision, duration_ms=duration_ms, log=log)
         if deferred:
             log.warning(
@@ -157,15 +160,16 @@ class Recorder:
         """A transient failure of one provider before the next one is tried."""
         row = self._log_row(msg, provider, "failover", outcome, outcome.detail, duration_ms)
         await self.db_retrying(lambda conn: conn.execute(Q.insert_delivery_log, row), log)
-        self._count(provider, "failover", duration_ms)
+        self._count(msg, provider, "failover", duration_ms)
         log.bind(provider=provider).warning("failing over after: {}", outcome.detail)
 
-    def _count(self, provider: str, outcome: str, duration_ms: int | None) -> None:
+    def _count(self, msg: Claimed, provider: str, outcome: str, duration_ms: int | None) -> None:
         metrics = self._res.metrics
+        tenant = str(msg.tenant_id)  # two tenants' providers may share a name
         provider = provider or "none"  # no provider was chosen (no route, body unreadable)
-        metrics.deliveries.inc(provider, outcome)
+        metrics.deliveries.inc(tenant, provider, outcome)
         if duration_ms is not None:
-            metrics.delivery_seconds.observe(duration_ms / 1000, provider)
+            metrics.delivery_seconds.observe(duration_ms / 1000, tenant, provider)
 
     @staticmethod
     def _log_row(  # noqa: PLR0917 - the columns of one delivery_logs row

@@ -14,7 +14,8 @@ pay for scrypt each time. The cache is emptied whenever the configuration change
 
 Failures are counted per client IP and per username (ingress/limits.FailureTracker):
 each is answered more slowly, and past smtp.auth_max_failures the client gets 421 and
-further attempts are refused until the window passes.
+further attempts are refused until the window passes, except that a locked username
+still works from an address it logged in from successfully in the last day.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Authenticator:
             max_failures=smtp.auth_max_failures, window=smtp.auth_failure_window
         )
         self.cache_hits = 0
+        self._pruned = 0.0
 
     def forget(self) -> None:
         """Drop every remembered login (the configuration changed)."""
@@ -82,6 +84,9 @@ class Authenticator:
         username = login.decode("utf-8", "replace")
         log = logger.bind(username=username, client_ip=client_ip)
         now = trio.current_time()
+        if now - self._pruned > 60:  # forget old failures of clients that went away
+            self._pruned = now
+            self.tracker.prune(now)
         if self.tracker.locked(client_ip, username, now):
             log.warning("AUTH refused: too many recent failures from this client or user")
             return TOO_MANY_FAILURES
@@ -105,7 +110,7 @@ class Authenticator:
             identity = None
         if identity is None:
             return await self._failed(client_ip, username, log)
-        self.tracker.succeeded(client_ip, username)
+        self.tracker.succeeded(client_ip, username, now)
         return identity
 
     async def _check(self, username: str, password: bytes, log: Any) -> AccountIdentity | None:

@@ -86,13 +86,21 @@ def ip_allowed(ip: str, networks: Iterable[str]) -> bool:
 
 @attrs.define
 class FailureTracker:
-    """Failed AUTH attempts per client IP and per username within `window` seconds."""
+    """Failed AUTH attempts per client IP and per username within `window` seconds.
+
+    A username locked by failures stays usable from an address it logged in from
+    successfully within `trust_period`: otherwise anyone could lock a real client out by
+    failing logins under its name from elsewhere. That address's own failures still
+    lock it.
+    """
 
     max_failures: int = 5
     window: float = 900.0
     base_delay: float = 0.5
     max_delay: float = 8.0
+    trust_period: float = 86400.0
     _by_key: dict[str, collections.deque[float]] = attrs.Factory(dict)
+    _trusted: dict[tuple[str, str], float] = attrs.Factory(dict)  # (user, ip) -> last success
 
     def _recent(self, key: str, now: float) -> collections.deque[float]:
         times = self._by_key.get(key)
@@ -104,11 +112,18 @@ class FailureTracker:
             del self._by_key[key]
         return times
 
+    def _is_trusted(self, ip: str, username: str, now: float) -> bool:
+        last = self._trusted.get((username, ip))
+        return last is not None and now - last <= self.trust_period
+
     def locked(self, ip: str, username: str, now: float) -> bool:
-        """Too many recent failures from this IP or for this username."""
-        return any(
-            len(self._recent(k, now)) >= self.max_failures for k in (f"ip:{ip}", f"user:{username}")
-        )
+        """Too many recent failures from this IP, or for this username from an address
+        it has not logged in from lately."""
+        if len(self._recent(f"ip:{ip}", now)) >= self.max_failures:
+            return True
+        if len(self._recent(f"user:{username}", now)) < self.max_failures:
+            return False
+        return not self._is_trusted(ip, username, now)
 
     def failed(self, ip: str, username: str, now: float) -> float:
         """Record a failure; returns how long to wait before answering it."""
@@ -120,11 +135,17 @@ class FailureTracker:
             worst = max(worst, len(times))
         return float(min(self.max_delay, self.base_delay * 2 ** (worst - 1)))
 
-    def succeeded(self, ip: str, username: str) -> None:
-        """A good login forgets that username's failures (not the IP's)."""
+    def succeeded(self, ip: str, username: str, now: float) -> None:
+        """A good login forgets that username's failures (not the IP's), and makes the
+        address trusted for the username."""
         self._by_key.pop(f"user:{username}", None)
+        self._trusted[(username, ip)] = now
 
     def prune(self, now: float) -> None:
-        """Drop keys whose failures are all older than the window (bounded memory)."""
+        """Drop keys whose failures are all older than the window, and trust older than
+        the trust period (bounded memory)."""
         for key in list(self._by_key):
             self._recent(key, now)
+        for pair, last in list(self._trusted.items()):
+            if now - last > self.trust_period:
+                del self._trusted[pair]

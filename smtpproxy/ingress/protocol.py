@@ -16,7 +16,8 @@ What differs from stock aiosmtpd:
   mechanism names are case-insensitive;
 * implicit-TLS listeners count as TLS for AUTH;
 * every 2xx/4xx/5xx reply carries an enhanced status code (ENHANCEDSTATUSCODES);
-* sessions over the connection limit, or arriving while draining, get 421;
+* sessions over the connection limit, or arriving while draining, get 421, and so does
+  a session idle past smtp.timeout before it is closed;
 * every reply is counted by command and code, and DATA-to-reply time is measured, for
   /metrics.
 """
@@ -196,6 +197,12 @@ class RelaySMTP(SMTP):
             seconds=round(time.monotonic() - self._started, 3),
             ended=s.ended,
         ).info("SMTP session ended")
+
+    def _timeout_cb(self) -> None:
+        """smtp.timeout passed with nothing from the client: say so (RFC 5321 4.2.2
+        reserves 421 for this), then close. Stock aiosmtpd closes without a word."""
+        self.sess.ended = "idle timeout"
+        self._hang_up(replies.IDLE_TIMEOUT)
 
     def _session_too_long(self) -> None:
         self.sess.ended = "too long"

@@ -19,10 +19,11 @@ LIMIT %(limit)s
 
 -- name: dlq_requeue
 -- Back to the queue with a fresh attempt count, optionally through another provider.
+-- A message whose body was lost (storage_error) cannot be sent again.
 UPDATE messages
 SET status = 'queued', attempts = 0, next_attempt_at = NULL, finished_at = NULL,
-    last_error = NULL, route_override = %(provider)s, updated_at = now()
-WHERE id = ANY(%(ids)s) AND status IN ('dlq', 'failed', 'storage_error')
+    last_error = NULL, route_override = %(provider)s, replayed_at = now(), updated_at = now()
+WHERE id = ANY(%(ids)s) AND status IN ('dlq', 'failed')
 RETURNING id, tenant_id, account_id
 
 -- name: dlq_delete

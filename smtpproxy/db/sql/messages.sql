@@ -53,7 +53,8 @@ WHERE id = %(id)s
         AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
        OR (status = 'sending' AND claimed_at < now() - make_interval(secs => %(visibility)s)))
 RETURNING id, tenant_id, account_id, mail_from, rcpt_to, storage_key, attempts, created_at,
-          size, header_message_id, route_override
+          size, header_message_id, route_override,
+          coalesce(replayed_at, created_at) AS age_from
 
 -- name: message_status
 SELECT status FROM messages WHERE id = %s

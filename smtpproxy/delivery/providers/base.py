@@ -112,6 +112,7 @@ class ProviderType:
     default_endpoint: str | None = None
     max_recipients: int | None = None  # per request; larger route groups are split
     max_message_bytes: int | None = None  # largest raw message the provider can take
+    max_connections: int = 20  # default of the max_connections setting: calls at once
 
     def all_settings(self) -> Mapping[str, SettingInfo]:
         """This type's settings and the ones every provider takes."""

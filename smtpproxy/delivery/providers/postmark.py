@@ -463,5 +463,6 @@ TYPE = ProviderType(
     secret_required=True,
     default_endpoint=ENDPOINT,
     max_recipients=MAX_RECIPIENTS,
-    max_message_bytes=MAX_REQUEST_BYTES,
+    # the raw message becomes base64 attachments and JSON text: about 4/3 of it
+    max_message_bytes=MAX_REQUEST_BYTES * 3 // 4 - 32 * 1024,
 )

@@ -290,6 +290,7 @@ class SesProvider:
 
 TYPE = ProviderType(
     name="ses",
+    max_connections=DEFAULT_MAX_CONNECTIONS,
     factory=SesProvider,
     settings={
         "region": SettingInfo(

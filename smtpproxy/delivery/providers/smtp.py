@@ -651,6 +651,7 @@ class SmtpProvider:
 
 TYPE = ProviderType(
     name="smtp",
+    max_connections=DEFAULT_MAX_CONNECTIONS,
     factory=SmtpProvider,
     settings={
         "host": SettingInfo("upstream server (or give the endpoint smtp://host:port)"),
