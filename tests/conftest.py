@@ -26,7 +26,8 @@ from smtpproxy.config import Config, structure
 from smtpproxy.db import migrate
 from smtpproxy.passwords import hash_password
 from smtpproxy.resources import Resources, open_resources
-from smtpproxy.service import Running, serve
+from smtpproxy.service import Running
+from tests.support import serving
 
 RUN_ID = secrets.token_hex(4)
 TABLES = "delivery_logs, messages, routing_rules, providers, accounts, tenants, audit_log"
@@ -189,8 +190,6 @@ class Service:
 
 @pytest.fixture
 async def service(cfg: Config, nursery: trio.Nursery) -> AsyncIterator[Service]:
-    stop = trio.Event()
-    with trio.fail_after(60):
-        running = await nursery.start(serve, cfg, stop)
+    running, stop = await serving.start(nursery, cfg)
     yield Service(running, stop)
     stop.set()

@@ -9,6 +9,7 @@ call); everything asserted on is done through `python -m smtpproxy`.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
@@ -17,7 +18,7 @@ import secrets
 import smtplib
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,19 @@ from smtpproxy.passwords import hash_password, verify_password
 from smtpproxy.store.base import key_for
 from tests.conftest import Service
 from tests.support import smtp
-from tests.support.cli import TERMINAL_ENV, Result, as_json, fails, ok, run_cli
+from tests.support.cli import (
+    Cli,
+    Result,
+    as_json,
+    cli_env,
+    command,
+    config_settings,
+    fails,
+    ok,
+    run_cli,
+)
 from tests.support.fake_sendgrid import FakeSendGrid
 from tests.support.process import write_config
-
-Cli = Callable[..., Result]
 
 SG_KEY = "SG.admin-test-key"
 APP1_PASSWORD = "app1 old password"
@@ -46,17 +55,6 @@ CHANNEL = "smtpproxy_config"
 
 
 # -- fixtures ------------------------------------------------------------------------------
-
-
-def config_settings(
-    tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, secret_key: str
-) -> dict[str, Any]:
-    return {
-        "data_dir": str(tmp_path / "data"),
-        "database": {"url": pg_url},
-        "redis": {"url": redis_url, "key_prefix": key_prefix},
-        "security": {"secret_key": secret_key},
-    }
 
 
 @pytest.fixture
@@ -91,11 +89,7 @@ def config_path(
 @pytest.fixture
 def cli(config_path: Path) -> Cli:
     """`cli(*args, input=None)`: the command with the test's config file."""
-
-    def call(*args: str, input: str | None = None) -> Result:  # noqa: A002
-        return run_cli(config_path, *args, input=input)
-
-    return call
+    return functools.partial(run_cli, config_path)
 
 
 @pytest.fixture
@@ -231,18 +225,15 @@ def add_message(
 
 def run_on_terminal(config: Path, *args: str, answer: str) -> Result:
     """The command with a terminal as standard input, answering its prompt with `answer`."""
-    env = {k: v for k, v in os.environ.items() if k != "SMTPPROXY_CONFIG"}
-    for name in TERMINAL_ENV:
-        env.pop(name, None)
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "smtpproxy", "--config", str(config), *args],
+            command(config, *args),
             stdin=slave,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env=cli_env(),
             cwd=config.parent,
         )
         os.close(slave)
@@ -283,7 +274,12 @@ def test_tenant_suspend_and_resume(
         ("tenant.suspend", "acme"),
         ("tenant.resume", "acme"),
     ]
-    assert rows[0]["before"] == {"name": "acme", "status": "active", "monthly_limit": 100_000}
+    assert rows[0]["before"] == {
+        "name": "acme",
+        "status": "active",
+        "monthly_limit": 100_000,
+        "allowed_networks": [],
+    }
     assert rows[0]["after"]["status"] == "suspended"
     assert rows[0]["db_role"] == one(conn, "SELECT current_user")
     assert rows[0]["os_user"] == getpass.getuser()
@@ -344,7 +340,12 @@ def test_tenant_delete_of_an_empty_tenant(
     assert one(conn, "SELECT count(*) FROM tenants") == 0
     last = audit_rows(conn)[-1]
     assert (last["action"], last["target"], last["after"]) == ("tenant.delete", "globex", None)
-    assert last["before"] == {"name": "globex", "status": "active", "monthly_limit": 500}
+    assert last["before"] == {
+        "name": "globex",
+        "status": "active",
+        "monthly_limit": 500,
+        "allowed_networks": [],
+    }
 
 
 def test_unknown_names_are_one_error_line(cli: Cli, acme: dict[str, Any]) -> None:
@@ -522,6 +523,7 @@ def test_account_disable_and_enable(
         "tenant": "acme",
         "status": "active",
         "allowed_domains": ["acme.com"],
+        "rate_limit": None,
     }
     assert rows[0]["after"]["status"] == "disabled"
     assert "scrypt$" not in json.dumps(rows)
@@ -699,6 +701,8 @@ def test_provider_update_settings_endpoint_and_secret(
         (["sg"], ["nothing to change"]),
         (["sg", "--unset", "colour"], ["no setting 'colour' to unset"]),
         (["sg", "--set", "colour=red"], ["'colour'", "known: "]),
+        (["sg", "--set", "region=mars"], ["region must be 'global' or 'eu'"]),
+        (["sg", "--set", "timeout=soon"], ["'timeout' must be a number"]),
         (["sg", "--set", "timeout=3", "--unset", "timeout"], ["both set and unset"]),
         (["sg", "--endpoint", "127.0.0.1:9"], ["expected a URL"]),
         (["out", "--unset", "path"], ["'path' is required"]),
@@ -708,6 +712,8 @@ def test_provider_update_settings_endpoint_and_secret(
         "nothing",
         "unset-missing",
         "unknown-setting",
+        "bad-region",
+        "bad-timeout",
         "set-and-unset",
         "endpoint-not-url",
         "required-setting",
@@ -1098,6 +1104,7 @@ def test_adds_notify_and_are_audited(
         "tenant": "acme",
         "status": "active",
         "allowed_domains": [],
+        "rate_limit": None,
         "password": MASK,
     }
     assert rows[2]["after"]["secret"] == MASK

@@ -7,12 +7,10 @@ traceback, never a secret) and what the command left in the database.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,68 +24,12 @@ from smtpproxy import admin
 from smtpproxy.crypto import SecretBox
 from smtpproxy.db import migrate
 from smtpproxy.passwords import hash_password, verify_password
+from tests.support.cli import Cli, as_json, config_settings, fails, ok, run_cli
 from tests.support.process import write_config
-
-Result = subprocess.CompletedProcess[str]
-Cli = Callable[..., Result]
 
 TABLES = ("tenants", "accounts", "providers", "routing_rules")
 SG_SECRET = "SG.secret-value"
 MASK = "********"
-
-# Rich sizes its output from these; without them it renders as for an 80-column pipe,
-# which is what a script or CI job reading the output sees, wherever the tests run.
-TERMINAL_ENV = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
-
-
-# -- running the command ------------------------------------------------------------------
-
-
-def run_cli(config: Path, *args: str, input: str | None = None) -> Result:  # noqa: A002
-    """`smtpproxy --config CONFIG ARGS...` as a child process; stdin is `input` or empty."""
-    env = {k: v for k, v in os.environ.items() if k != "SMTPPROXY_CONFIG"}
-    for name in TERMINAL_ENV:
-        env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "smtpproxy", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        input=input or "",
-        timeout=60,
-        env=env,
-        cwd=config.parent,
-        check=False,
-    )
-
-
-def ok(result: Result) -> str:
-    """stdout of a command that must have succeeded."""
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stdout + result.stderr
-    return result.stdout
-
-
-def as_json(result: Result) -> Any:
-    return json.loads(ok(result))
-
-
-def fails(result: Result, *fragments: str, code: int = 1) -> str:
-    """Check a clean failure: the exit code, nothing on stdout, no traceback, and stderr
-    that is exactly one `error:` line (exit 1) or only `config error:` lines (exit 2)
-    naming every fragment. Returns stderr."""
-    assert result.returncode == code, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stdout + result.stderr
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    if code == 1:
-        assert len(lines) == 1, lines
-        assert lines[0].startswith("error: "), lines
-    else:
-        assert lines, "no config error on stderr"
-        assert all(line.startswith("config error: ") for line in lines), lines
-    for fragment in fragments:
-        assert fragment in result.stderr, f"{fragment!r} not in {result.stderr!r}"
-    return result.stderr
 
 
 def counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
@@ -107,17 +49,6 @@ def secret_key() -> str:
     return Fernet.generate_key().decode()
 
 
-def config_settings(
-    tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, secret_key: str
-) -> dict[str, Any]:
-    return {
-        "data_dir": str(tmp_path / "data"),
-        "database": {"url": pg_url},
-        "redis": {"url": redis_url, "key_prefix": key_prefix},
-        "security": {"secret_key": secret_key},
-    }
-
-
 @pytest.fixture
 def config_path(
     tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, secret_key: str, clean: None
@@ -129,11 +60,7 @@ def config_path(
 @pytest.fixture
 def cli(config_path: Path) -> Cli:
     """`cli(*args, input=None)`: the command with the test's config file."""
-
-    def call(*args: str, input: str | None = None) -> Result:  # noqa: A002
-        return run_cli(config_path, *args, input=input)
-
-    return call
+    return functools.partial(run_cli, config_path)
 
 
 # Setup that is not under test goes straight through smtpproxy.admin (what the commands

@@ -13,18 +13,12 @@ import trio
 from smtpproxy import admin, fsck
 from smtpproxy.config import Config
 from smtpproxy.resources import open_resources
-from smtpproxy.service import Running, serve
+from smtpproxy.service import Running
 from tests.conftest import make_config
 from tests.support import smtp
+from tests.support.serving import add_file_provider, start, wait_status
 
 run = trio.to_thread.run_sync
-
-
-async def start(nursery: trio.Nursery, cfg: Config) -> tuple[Running, trio.Event]:
-    stop = trio.Event()
-    with trio.fail_after(60):
-        running: Running = await nursery.start(serve, cfg, stop)
-    return running, stop
 
 
 async def send(
@@ -36,20 +30,6 @@ async def send(
     )
     assert code == 250, reply
     return smtp.queued_id(reply), data
-
-
-async def wait_status(pg_url: str, mid: str, *statuses: str, timeout: float = 20) -> dict[str, Any]:
-    """Poll until the message reaches one of statuses; returns its row."""
-    with trio.fail_after(timeout):
-        while True:
-            with (
-                psycopg.connect(pg_url) as conn,
-                conn.cursor(row_factory=psycopg.rows.dict_row) as cur,
-            ):
-                row = cur.execute("SELECT * FROM messages WHERE id = %s", (mid,)).fetchone()
-            if row is not None and row["status"] in statuses:
-                return row
-            await trio.sleep(0.05)
 
 
 def stream_entries(redis_url: str, key: str) -> list[tuple[str, dict[str, str]]]:
@@ -113,16 +93,7 @@ async def test_recipients_on_different_routes_are_split(
 ) -> None:
     """Recipients routed to two providers become two child messages, each delivered once."""
     for name in ("north", "south"):
-        admin.add_provider(
-            conn,
-            "acme",
-            name,
-            "file",
-            endpoint=None,
-            settings={"path": str(tmp_path / name)},
-            secret=None,
-            encrypt=None,
-        )
+        add_file_provider(conn, name, tmp_path / name)
     admin.add_route(
         conn,
         "acme",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,15 @@ import redis
 import trio
 
 from smtpproxy import admin
-from smtpproxy.service import Running, serve
+from smtpproxy.delivery.records import Claimed
+from smtpproxy.delivery.retry import RetryPolicy, decide
+from smtpproxy.models import Outcome, Status
+from smtpproxy.service import Running
 from tests.conftest import make_config
-from tests.support import smtp
+from tests.support import serving, smtp
 from tests.support.cli import as_json, fails, run_cli
 from tests.support.process import write_config
+from tests.support.serving import add_file_provider, wait_status
 
 run = trio.to_thread.run_sync
 
@@ -44,35 +49,7 @@ async def start(
         delivery={"retry_schedule": ["50ms"], "scheduler_interval": "50ms", **delivery},
         redis={"url": redis_url, "key_prefix": prefix, "legacy_account": "app"},
     )
-    stop = trio.Event()
-    with trio.fail_after(60):
-        return await nursery.start(serve, cfg, stop), stop
-
-
-async def wait_status(pg_url: str, mid: str, *statuses: str) -> dict[str, Any]:
-    with trio.fail_after(20):
-        while True:
-            with (
-                psycopg.connect(pg_url) as conn,
-                conn.cursor(row_factory=psycopg.rows.dict_row) as cur,
-            ):
-                row = cur.execute("SELECT * FROM messages WHERE id = %s", (mid,)).fetchone()
-            if row is not None and row["status"] in statuses:
-                return row
-            await trio.sleep(0.05)
-
-
-def add_file(conn: psycopg.Connection[Any], name: str, path: Path) -> None:
-    admin.add_provider(
-        conn,
-        "acme",
-        name,
-        "file",
-        endpoint=None,
-        settings={"path": str(path)},
-        secret=None,
-        encrypt=None,
-    )
+    return await serving.start(nursery, cfg)
 
 
 async def dead_letters(
@@ -87,8 +64,8 @@ async def dead_letters(
 ) -> tuple[list[str], trio.Event]:
     """n messages routed to a broken file provider, dead-lettered after 2 attempts."""
     (tmp_path / "broken").write_text("a file, not a directory")
-    add_file(conn, "broken", tmp_path / "broken")
-    add_file(conn, "backup", tmp_path / "backup")
+    add_file_provider(conn, "broken", tmp_path / "broken")
+    add_file_provider(conn, "backup", tmp_path / "backup")
     admin.add_route(
         conn,
         "acme",
@@ -156,6 +133,7 @@ async def test_list_retry_through_another_provider_and_audit(
     for mid in ids:
         row = await wait_status(pg_url, mid, "delivered")
         assert row["provider_name"] == "backup" and row["attempts"] == 1
+        assert row["replayed_at"] is not None  # delivery.max_age counts from here now
         assert (tmp_path / "backup" / f"{mid}.eml").exists()
     stop.set()
     with psycopg.connect(pg_url) as c:
@@ -278,3 +256,26 @@ async def test_legacy_entries_are_delivered(
         (["bob@example.org"], "delivered"),
     ]
     assert "body" in dead[0][1]["reason"]
+
+
+def test_a_replayed_message_ages_from_its_replay() -> None:
+    """delivery.max_age counts from replayed_at: a month-old dead letter replayed a
+    minute ago is a minute old to the retry policy, so one transient failure retries it
+    instead of dead-lettering it again."""
+    now = datetime.now(UTC)
+    fields = {
+        "id": "01J0",
+        "tenant_id": 1,
+        "account_id": 1,
+        "mail_from": "a@example.com",
+        "rcpt_to": ["b@example.org"],
+        "storage_key": "k",
+        "attempts": 1,
+        "created_at": now - timedelta(days=30),
+    }
+    fresh = Claimed.from_row({**fields, "age_from": now - timedelta(minutes=1)})
+    old = Claimed.from_row({**fields, "age_from": fields["created_at"]})
+    policy = RetryPolicy(schedule=(30.0,), max_attempts=5, max_age=86400.0)
+    assert 55 < fresh.age() < 65
+    assert decide(Outcome.retry("HTTP 503"), 1, fresh.age(), policy).status is Status.RETRYING
+    assert decide(Outcome.retry("HTTP 503"), 1, old.age(), policy).status is Status.DLQ

@@ -8,10 +8,7 @@ providers received, the rows PostgreSQL holds, and a clean exit on SIGTERM.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import urllib.request
 from email import policy
 from email.parser import BytesParser
@@ -24,24 +21,18 @@ import trio
 from cryptography.fernet import Fernet
 
 from tests.support import smtp
+from tests.support.cli import Result, run_cli
 from tests.support.fake_sendgrid import FakeSendGrid
 from tests.support.process import SmtpProxyProcess, write_config
+from tests.support.serving import wait_status
 
 pytestmark = pytest.mark.slow
 run = trio.to_thread.run_sync
 
 
-def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SMTPPROXY_CONFIG"}
-    return subprocess.run(
-        [sys.executable, "-m", "smtpproxy", "--config", str(config), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=True,
-    )
+def cli(config: Path, *args: str, stdin: str | None = None) -> Result:
+    """The command, which must exit 0 (CalledProcessError otherwise)."""
+    return run_cli(config, *args, input=stdin, check=True)
 
 
 @pytest.fixture
@@ -62,16 +53,8 @@ def config(tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, clean: 
 
 
 async def wait_delivered(pg_url: str, mid: str) -> dict[str, Any]:
-    with trio.fail_after(30):
-        while True:
-            with (
-                psycopg.connect(pg_url) as conn,
-                conn.cursor(row_factory=psycopg.rows.dict_row) as cur,
-            ):
-                row = cur.execute("SELECT * FROM messages WHERE id = %s", (mid,)).fetchone()
-            if row and row["status"] in ("delivered", "failed", "dlq"):
-                return row
-            await trio.sleep(0.1)
+    """The message's row once it is delivered, failed or dead-lettered."""
+    return await wait_status(pg_url, mid, "delivered", "failed", "dlq", timeout=30, interval=0.1)
 
 
 async def test_smtp_to_file_and_sendgrid_through_a_real_process(

@@ -13,11 +13,12 @@ from cryptography.fernet import Fernet
 from smtpproxy import admin
 from smtpproxy.crypto import SecretBox
 from smtpproxy.delivery.breaker import Breaker, Throttle, next_limit
-from smtpproxy.service import Running, serve
+from smtpproxy.service import Running
 from tests.conftest import make_config
-from tests.support import smtp
+from tests.support import serving, smtp
 from tests.support.fake_sendgrid import FakeSendGrid
 from tests.support.fake_smtp import FakeSmtp, silent_server
+from tests.support.serving import add_file_provider, wait_status
 
 run = trio.to_thread.run_sync
 
@@ -85,9 +86,7 @@ async def start(
         delivery={"retry_schedule": ["200ms"], "scheduler_interval": "50ms", **delivery},
         security={"secret_key": KEY},
     )
-    stop = trio.Event()
-    with trio.fail_after(60):
-        return await nursery.start(serve, cfg, stop), stop
+    return await serving.start(nursery, cfg)
 
 
 KEY = Fernet.generate_key().decode()
@@ -103,19 +102,6 @@ def add_sendgrid(conn: psycopg.Connection[Any], name: str, url: str, **settings:
         settings=settings,
         secret="SG.k",
         encrypt=SecretBox(KEY.encode()).encrypt,
-    )
-
-
-def add_file(conn: psycopg.Connection[Any], name: str, path: Path) -> None:
-    admin.add_provider(
-        conn,
-        "acme",
-        name,
-        "file",
-        endpoint=None,
-        settings={"path": str(path)},
-        secret=None,
-        encrypt=None,
     )
 
 
@@ -144,13 +130,6 @@ async def send(
     return smtp.queued_id(reply)
 
 
-def row(pg_url: str, mid: str) -> dict[str, Any]:
-    with psycopg.connect(pg_url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        found = cur.execute("SELECT * FROM messages WHERE id = %s", (mid,)).fetchone()
-    assert found is not None
-    return found
-
-
 def logs(pg_url: str, mid: str) -> list[tuple[str, str, str]]:
     with psycopg.connect(pg_url) as conn:
         return [
@@ -161,16 +140,6 @@ def logs(pg_url: str, mid: str) -> list[tuple[str, str, str]]:
                 (mid,),
             )
         ]
-
-
-async def wait_for(pg_url: str, mid: str, *statuses: str, timeout: float = 20) -> dict[str, Any]:
-    with trio.fail_after(timeout):
-        while True:
-            with psycopg.connect(pg_url) as conn:
-                got = conn.execute("SELECT status FROM messages WHERE id = %s", (mid,)).fetchone()
-            if got and got[0] in statuses:
-                return row(pg_url, mid)
-            await trio.sleep(0.05)
 
 
 async def test_transient_failure_fails_over_to_the_fallback(
@@ -187,11 +156,11 @@ async def test_transient_failure_fails_over_to_the_fallback(
     with FakeSendGrid(api_key="SG.k") as fake:
         fake.respond_with(503, {"errors": [{"message": "down for maintenance"}]})
         add_sendgrid(conn, "primary", fake.url)
-        add_file(conn, "backup", tmp_path / "backup")
+        add_file_provider(conn, "backup", tmp_path / "backup")
         route(conn, "primary", "backup")
         running, stop = await start(nursery, tmp_path, pg_url, redis_url, key_prefix)
         mid = await send(running, account["password"])
-        msg = await wait_for(pg_url, mid, "delivered")
+        msg = await wait_status(pg_url, mid, "delivered")
         stop.set()
     assert msg["provider_name"] == "backup"
     assert (tmp_path / "backup" / f"{mid}.eml").exists()
@@ -199,6 +168,36 @@ async def test_transient_failure_fails_over_to_the_fallback(
     assert (p1, s1) == ("primary", "failover") and "503" in e1
     assert (p2, s2) == ("backup", "delivered")
     assert e2.startswith("via backup after primary: HTTP 503")
+
+
+async def test_transient_failure_with_no_usable_fallback_is_retried_not_failed(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    conn: psycopg.Connection[Any],
+    nursery: trio.Nursery,
+) -> None:
+    """A 503 from the primary while the fallback is disabled is still a transient
+    failure: the message is retried (and delivered by the primary once it recovers)."""
+    with FakeSendGrid(api_key="SG.k") as fake:
+        fake.respond_with(503, {"errors": [{"message": "down for maintenance"}]})
+        add_sendgrid(conn, "primary", fake.url)
+        add_file_provider(conn, "backup", tmp_path / "backup")
+        admin.set_provider_enabled(conn, "acme", "backup", False)
+        route(conn, "primary", "backup")
+        running, stop = await start(nursery, tmp_path, pg_url, redis_url, key_prefix)
+        mid = await send(running, account["password"])
+        msg = await wait_status(pg_url, mid, "delivered", "failed")
+        stop.set()
+    assert msg["status"] == "delivered" and msg["provider_name"] == "primary"
+    [(p1, s1, e1), (p2, s2, e2), (p3, s3, _)] = logs(pg_url, mid)
+    assert (p1, s1) == ("primary", "failover") and "503" in e1
+    assert (p2, s2) == ("primary", "retrying") and "backup: disabled" in e2
+    assert (p3, s3) == ("primary", "delivered")
+    assert len(fake.requests) == 2
 
 
 async def test_open_circuit_skips_the_provider(
@@ -217,7 +216,7 @@ async def test_open_circuit_skips_the_provider(
         for _ in range(50):
             fake.respond_with(503)
         add_sendgrid(conn, "primary", fake.url)
-        add_file(conn, "backup", tmp_path / "backup")
+        add_file_provider(conn, "backup", tmp_path / "backup")
         route(conn, "primary", "backup")
         running, stop = await start(
             nursery,
@@ -230,10 +229,10 @@ async def test_open_circuit_skips_the_provider(
         )
         first = [await send(running, account["password"]) for _ in range(2)]
         for mid in first:
-            await wait_for(pg_url, mid, "delivered")
+            await wait_status(pg_url, mid, "delivered")
         calls = len(fake.requests)
         later = await send(running, account["password"])
-        msg = await wait_for(pg_url, later, "delivered")
+        msg = await wait_status(pg_url, later, "delivered")
         stop.set()
     assert calls == 2
     assert len(fake.requests) == 2  # the open circuit kept the third message away
@@ -257,7 +256,7 @@ async def test_saturated_provider_does_not_stall_others(
     slots; mail for another provider still goes out at once."""
     with silent_server() as port:
         add_sendgrid(conn, "stuck", f"http://127.0.0.1:{port}", max_connections=1, timeout=30)
-        add_file(conn, "fine", tmp_path / "fine")
+        add_file_provider(conn, "fine", tmp_path / "fine")
         admin.add_route(
             conn,
             "acme",
@@ -281,7 +280,7 @@ async def test_saturated_provider_does_not_stall_others(
             await send(running, account["password"], (f"u{i}@stuck.example",))
         await trio.sleep(1)  # all consumer slots would be taken by now without the limit
         mid = await send(running, account["password"], ("bob@example.org",))
-        msg = await wait_for(pg_url, mid, "delivered", timeout=10)
+        msg = await wait_status(pg_url, mid, "delivered", timeout=10)
         stop.set()
     assert msg["provider_name"] == "fine"
 
@@ -313,10 +312,10 @@ async def test_deferred_recipients_are_retried_on_their_own(
         route(conn, "relay")
         running, stop = await start(nursery, tmp_path, pg_url, redis_url, key_prefix)
         mid = await send(running, account["password"], ("bob@example.org", "late@example.org"))
-        parent = await wait_for(pg_url, mid, "delivered")
-        child = await wait_for(pg_url, f"{mid}.r1", "retrying", "queued", "sending")
+        parent = await wait_status(pg_url, mid, "delivered")
+        child = await wait_status(pg_url, f"{mid}.r1", "retrying", "queued", "sending")
         upstream.script.rcpt_replies.clear()
-        child = await wait_for(pg_url, f"{mid}.r1", "delivered")
+        child = await wait_status(pg_url, f"{mid}.r1", "delivered")
         stop.set()
     assert child["rcpt_to"] == ["late@example.org"]
     assert [r.rcpt_tos for r in upstream.received] == [["bob@example.org"], ["late@example.org"]]

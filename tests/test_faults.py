@@ -11,13 +11,10 @@ provider's acceptance and our record; nothing answered 451 is ever delivered.
 from __future__ import annotations
 
 import collections
-import json
 import random
 import signal
 import smtplib
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +26,9 @@ from cryptography.fernet import Fernet
 
 from smtpproxy import admin
 from smtpproxy.crypto import SecretBox
-from smtpproxy.service import Running, serve
+from smtpproxy.service import Running
 from tests.conftest import make_config
-from tests.support import smtp
+from tests.support import serving, smtp
 from tests.support.fake_sendgrid import FakeSendGrid
 from tests.support.faults import RedisProcess, TcpProxy
 from tests.support.process import SmtpProxyProcess, write_config
@@ -106,15 +103,6 @@ async def wait_delivered(fake: FakeSendGrid, ids: set[str], timeout: float = 30)
             await trio.sleep(0.1)
 
 
-def readiness(port: int) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-            return dict(json.loads(r.read()))
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return dict(json.loads(exc.read()))
-
-
 async def start(
     nursery: trio.Nursery, tmp_path: Path, pg_url: str, redis_url: str, prefix: str, **sections: Any
 ) -> tuple[Running, trio.Event]:
@@ -128,9 +116,7 @@ async def start(
         security={"secret_key": KEY},
         **sections,
     )
-    stop = trio.Event()
-    with trio.fail_after(60):
-        return await nursery.start(serve, cfg, stop), stop
+    return await serving.start(nursery, cfg)
 
 
 async def test_redis_restarted_empty_loses_nothing(
@@ -162,7 +148,7 @@ async def test_redis_restarted_empty_loses_nothing(
         redis_server.kill()
         during = [await run(lambda: try_send(port, account["password"])) for _ in range(2)]
         assert running.health is not None
-        ready = await run(lambda: readiness(running.health[1]))
+        _, ready = await run(lambda: serving.readiness(running.health[1]))
         redis_server.start()  # empty
         after = [await run(lambda: try_send(port, account["password"])) for _ in range(3)]
         stop.set()
@@ -217,7 +203,7 @@ async def test_postgresql_outage_means_451_then_recovery(
         proxy.down()
         during = await run(lambda: try_send(port, account["password"]))
         await trio.sleep(1.1)
-        ready = await run(lambda: readiness(running.health[1]))
+        _, ready = await run(lambda: serving.readiness(running.health[1]))
         proxy.up()
         with trio.fail_after(30):
             while True:

@@ -16,9 +16,7 @@ import json
 import os
 import pty
 import re
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -42,7 +40,9 @@ from smtpproxy.resources import Resources, open_resources
 from smtpproxy.service import serve
 from smtpproxy.store import key_for
 from tests.conftest import make_config
-from tests.support import smtp
+from tests.support import cli, smtp
+from tests.support.aws import no_real_aws
+from tests.support.cli import Result
 from tests.support.process import write_config
 from tests.support.s3 import MotoS3
 
@@ -64,25 +64,7 @@ FINAL = ("delivered", "failed", "dlq", "enqueue_failed", "storage_error", "split
 
 @pytest.fixture(autouse=True)
 def _no_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Dummy AWS settings: whatever boto3 would pick up from the environment leads nowhere."""
-    for name in [n for n in os.environ if n.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    # a client built without an explicit endpoint fails here instead of calling AWS
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
-
-
-def _closed_port() -> int:
-    """A local TCP port on which nothing listens (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    no_real_aws(monkeypatch, tmp_path, AWS_SESSION_TOKEN="testing", AWS_DEFAULT_REGION="us-east-1")
 
 
 @pytest.fixture(scope="module")
@@ -995,24 +977,9 @@ async def test_repairs_are_safe_while_the_service_accepts_and_delivers(
 # -- the command line -----------------------------------------------------------------------
 
 
-Result = subprocess.CompletedProcess[str]
-
-
 def run_cli(config: Path, *args: str) -> Result:
     """`smtpproxy --config CONFIG fsck-storage ARGS...` as a child process (stderr a pipe)."""
-    env = {k: v for k, v in os.environ.items() if k != "SMTPPROXY_CONFIG"}
-    for name in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
-        env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "smtpproxy", "--config", str(config), "fsck-storage", *args],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-        env=env,
-        cwd=config.parent,
-        check=False,
-    )
+    return cli.run_cli(config, "fsck-storage", *args, timeout=120)
 
 
 def exited(result: Result, code: int) -> Result:
@@ -1074,7 +1041,7 @@ def test_cli_progress_is_a_bar_on_a_terminal(config_path: Path, cli_rows: Rows) 
     env.update(TERM="xterm-256color", COLUMNS="120")
     main, tty = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "smtpproxy", "--config", str(config_path), "fsck-storage"],
+        cli.command(config_path, "fsck-storage"),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=tty,

@@ -3,9 +3,6 @@ and readiness reports the store; on S3 as on local disk."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,29 +11,14 @@ import psycopg
 import pytest
 import trio
 
-from smtpproxy.config import Config
-from smtpproxy.service import Running, serve
+from smtpproxy.service import Running
 from tests.conftest import make_config
 from tests.support import smtp
 from tests.support.mounts import remount_read_only, small_tmpfs
 from tests.support.s3 import MotoS3
+from tests.support.serving import readiness, start
 
 run = trio.to_thread.run_sync
-
-
-def readiness(port: int) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
-
-
-async def start(nursery: trio.Nursery, cfg: Config) -> tuple[Running, trio.Event]:
-    stop = trio.Event()
-    with trio.fail_after(60):
-        return await nursery.start(serve, cfg, stop), stop
 
 
 async def send(running: Running, password: str, size: int = 0) -> tuple[int, bytes]:

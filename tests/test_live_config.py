@@ -12,33 +12,15 @@ import trio
 from smtpproxy import admin
 from tests.conftest import Service, make_config
 from tests.support import smtp
+from tests.support.serving import add_file_provider, wait_status
 
 run = trio.to_thread.run_sync
 
 
-def add_file(conn: psycopg.Connection[Any], name: str, path: Path, **settings: Any) -> None:
-    admin.add_provider(
-        conn,
-        "acme",
-        name,
-        "file",
-        endpoint=None,
-        settings={"path": str(path), **settings},
-        secret=None,
-        encrypt=None,
-    )
-
-
 async def delivered_by(pg_url: str, mid: str, timeout: float = 15) -> str:
-    with trio.fail_after(timeout):
-        while True:
-            with psycopg.connect(pg_url) as conn:
-                row = conn.execute(
-                    "SELECT status, provider_name FROM messages WHERE id = %s", (mid,)
-                ).fetchone()
-            if row and row[0] in ("delivered", "failed"):
-                return f"{row[0]}:{row[1]}"
-            await trio.sleep(0.05)
+    """The message's "status:provider" once it is delivered or failed."""
+    row = await wait_status(pg_url, mid, "delivered", "failed", timeout=timeout)
+    return f"{row['status']}:{row['provider_name']}"
 
 
 async def test_a_new_route_applies_without_restart(
@@ -54,7 +36,7 @@ async def test_a_new_route_applies_without_restart(
     with trio.fail_after(30):
         _, reply = await run(lambda: smtp.send(service.smtp_port, "app", account["password"], data))
         assert await delivered_by(pg_url, smtp.queued_id(reply)) == "failed:None"
-        add_file(conn, "live", tmp_path / "live")
+        add_file_provider(conn, "live", tmp_path / "live")
         admin.add_route(
             conn,
             "acme",
@@ -87,8 +69,8 @@ async def test_too_big_for_the_routed_provider_is_refused_at_smtp_time(
     was declared, else after DATA) and is not stored; mail for other routes is fine."""
     from smtpproxy.service import serve
 
-    add_file(conn, "small", tmp_path / "small", max_message_bytes=2000)
-    add_file(conn, "big", tmp_path / "big")
+    add_file_provider(conn, "small", tmp_path / "small", max_message_bytes=2000)
+    add_file_provider(conn, "big", tmp_path / "big")
     admin.add_route(
         conn,
         "acme",

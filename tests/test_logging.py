@@ -37,7 +37,8 @@ from smtpproxy.cloudwatch import (
 )
 from smtpproxy.config import Config, load_config, structure
 from smtpproxy.errors import ConfigError
-from tests.support.cwlogs import CallLog, MotoLogs, closed_port_url, dummy_aws_environment
+from tests.support.cwlogs import CallLog, MotoLogs, dummy_aws_environment
+from tests.support.net import closed_port_url
 from tests.support.process import SmtpProxyProcess, write_config
 
 SECRETS = {"password": "hunter2-pw", "api_key": "SG.live-key-123", "secret": "s3cr3t-value"}

@@ -58,8 +58,8 @@ def test_event_metrics_and_process_metrics_parse() -> None:
     m.reply("RCPT", "550 5.1.1 no")
     m.reply("RCPT", "garbage")  # not a reply code: not counted
     m.ingest_seconds.observe(0.004)
-    m.deliveries.inc("outbox", "delivered")
-    m.delivery_seconds.observe(0.2, "outbox")
+    m.deliveries.inc("7", "outbox", "delivered")
+    m.delivery_seconds.observe(0.2, "7", "outbox")
     parsed = parse(metrics.render([m.rendered_events(), metrics.process_metrics(m.started)]))
     assert parsed["smtpproxy_smtp_replies_total"] == {
         (("code", "250"), ("command", "DATA")): 1,
@@ -67,7 +67,7 @@ def test_event_metrics_and_process_metrics_parse() -> None:
     }
     assert parsed["smtpproxy_ingest_seconds_count"] == {(): 1}
     assert parsed["smtpproxy_deliveries_total"] == {
-        (("outcome", "delivered"), ("provider", "outbox")): 1
+        (("outcome", "delivered"), ("provider", "outbox"), ("tenant", "7")): 1
     }
     assert parsed["process_resident_memory_bytes"][()] > 10_000_000
     assert parsed["process_cpu_seconds_total"][()] > 0

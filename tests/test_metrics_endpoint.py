@@ -13,7 +13,7 @@ from smtpproxy.config import Config
 from smtpproxy.service import Running, serve
 from tests.conftest import make_config
 from tests.support import smtp
-from tests.test_delivery import wait_status
+from tests.support.serving import wait_status
 from tests.test_metrics import parse
 
 run = trio.to_thread.run_sync
@@ -93,8 +93,10 @@ async def test_metrics_count_sessions_replies_ingest_and_delivery(
     assert m["smtpproxy_message_bytes_accepted_total"][()] > 0
     assert m["smtpproxy_ingest_seconds_count"][()] == 3
     assert m["smtpproxy_ingest_seconds_bucket"][(("le", "+Inf"),)] == 3
-    assert m["smtpproxy_deliveries_total"][(("outcome", "delivered"), ("provider", "outbox"))] == 3
-    assert m["smtpproxy_delivery_seconds_count"][(("provider", "outbox"),)] == 3
+    tenant = ("tenant", str(account["tenant_id"]))
+    delivered = (("outcome", "delivered"), ("provider", "outbox"), tenant)
+    assert m["smtpproxy_deliveries_total"][delivered] == 3
+    assert m["smtpproxy_delivery_seconds_count"][(("provider", "outbox"), tenant)] == 3
     # queue gauges from PostgreSQL and Redis: everything was delivered
     assert m["smtpproxy_scrape_ok"] == {(("source", "postgresql"),): 1, (("source", "redis"),): 1}
     assert m["smtpproxy_messages"][(("status", "queued"),)] == 0

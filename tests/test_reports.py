@@ -9,13 +9,11 @@ aggregates stay exact at scale (timings are in tests/bench/stats.py, not here).
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import secrets
-import subprocess
-import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,58 +26,14 @@ from smtpproxy import reports
 from smtpproxy.db import migrate
 from smtpproxy.errors import UsageError
 from smtpproxy.queue.streams import Streams
+from tests.support import cli as support_cli
 from tests.support import reportdata
+from tests.support.cli import Cli, as_json, fails, ok
 from tests.support.process import write_config
 from tests.support.reportworld import LONG_ERROR, NEWEST_FIRST, World, add_log, at, build
 
-Result = subprocess.CompletedProcess[str]
-Cli = Callable[..., Result]
-TERMINAL_ENV = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
 DAY = ("--since", "2024-05-01", "--until", "2024-05-02")  # the whole world
-
-
-# -- running the command ------------------------------------------------------------------
-
-
-def run_cli(config: Path, *args: str) -> Result:
-    env = {k: v for k, v in os.environ.items() if k != "SMTPPROXY_CONFIG"}
-    for name in TERMINAL_ENV:
-        env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "smtpproxy", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        input="",
-        timeout=120,
-        env=env,
-        cwd=config.parent,
-        check=False,
-    )
-
-
-def ok(result: Result) -> str:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stdout + result.stderr
-    return result.stdout
-
-
-def as_json(result: Result) -> Any:
-    return json.loads(ok(result))
-
-
-def fails(result: Result, *fragments: str, stdout: bool = False) -> str:
-    """Exit 1, no traceback, and stderr exactly one `error:` line naming every fragment
-    (stdout empty unless the command shows what it found before failing)."""
-    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stdout + result.stderr
-    if not stdout:
-        assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: "), lines
-    for fragment in fragments:
-        assert fragment in result.stderr, f"{fragment!r} not in {result.stderr!r}"
-    return result.stderr
+run_cli = functools.partial(support_cli.run_cli, timeout=120)  # the reports may take a while
 
 
 def settings(tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str) -> dict[str, Any]:

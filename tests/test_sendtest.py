@@ -10,9 +10,6 @@ from __future__ import annotations
 import base64
 import email
 import json
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from email.policy import default as default_policy
@@ -37,32 +34,17 @@ from smtpproxy.smtpclient import (
 )
 from smtpproxy.store import key_for
 from tests.conftest import Service, make_config
+from tests.support.cli import Result, run_cli
 
-Result = subprocess.CompletedProcess[str]
-
-# Rich sizes its output from these; without them it renders as for a pipe.
-TERMINAL_ENV = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
 TIMEOUT = 60
 
 
-def _run(args: tuple[str, ...], stdin: str) -> Result:
-    env = {k: v for k, v in os.environ.items() if k != "SMTPPROXY_CONFIG"}
-    for name in TERMINAL_ENV:
-        env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "smtpproxy", "send-test", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=TIMEOUT,
-        env=env,
-        check=False,
-    )
-
-
 async def send_test(*args: str, stdin: str = "") -> Result:
-    """The command with args, in a worker thread so the service keeps running."""
-    return await trio.to_thread.run_sync(partial(_run, args, stdin))
+    """The command (without a config file) with args, in a worker thread so the service
+    keeps running."""
+    return await trio.to_thread.run_sync(
+        partial(run_cli, None, "send-test", *args, input=stdin, timeout=TIMEOUT)
+    )
 
 
 def login_args(port: int, *extra: str, user: str = "app") -> tuple[str, ...]:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import smtplib
-import urllib.error
-import urllib.request
 from typing import Any
 
 import trio
@@ -15,25 +12,19 @@ from smtpproxy.config import Config
 from smtpproxy.supervise import supervise
 from tests.conftest import Service
 from tests.support import smtp
+from tests.support.serving import get_json
 
 run = trio.to_thread.run_sync
-
-
-def get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
 
 
 async def test_health_and_readiness(service: Service, cfg: Config) -> None:
     """/healthz is alive; /readyz is ready, then 503 naming the store when it disappears."""
     with trio.fail_after(20):
-        assert await run(lambda: get(service.health_port, "/healthz")) == (200, {"status": "alive"})
-        status, body = await run(lambda: get(service.health_port, "/readyz"))
+        assert await run(lambda: get_json(service.health_port, "/healthz")) == (
+            200,
+            {"status": "alive"},
+        )
+        status, body = await run(lambda: get_json(service.health_port, "/readyz"))
         assert status == 200
         assert body["checks"] == {
             "postgresql": "ok",
@@ -44,7 +35,7 @@ async def test_health_and_readiness(service: Service, cfg: Config) -> None:
         }
         shutil.rmtree(cfg.storage_path)
         await trio.sleep(1.1)  # past the readiness cache
-        status, body = await run(lambda: get(service.health_port, "/readyz"))
+        status, body = await run(lambda: get_json(service.health_port, "/readyz"))
     assert status == 503
     assert body["failing"] == ["store"]
     assert body["checks"]["store"].startswith("error:")
@@ -53,8 +44,8 @@ async def test_health_and_readiness(service: Service, cfg: Config) -> None:
 async def test_health_rejects_other_paths_and_methods(service: Service) -> None:
     """Unknown paths are 404, other methods 405."""
     with trio.fail_after(20):
-        assert (await run(lambda: get(service.health_port, "/nope")))[0] == 404
-        assert (await run(lambda: get(service.health_port, "/healthz", "POST")))[0] == 405
+        assert (await run(lambda: get_json(service.health_port, "/nope")))[0] == 404
+        assert (await run(lambda: get_json(service.health_port, "/healthz", "POST")))[0] == 405
 
 
 async def test_drain_finishes_data_in_progress_and_refuses_new_sessions(
@@ -91,7 +82,7 @@ async def test_drain_finishes_data_in_progress_and_refuses_new_sessions(
         client = await run(start_transaction)
         service.stop.set()
         await trio.sleep(0.3)
-        status, body = await run(lambda: get(service.health_port, "/readyz"))
+        status, body = await run(lambda: get_json(service.health_port, "/readyz"))
         assert (status, body) == (503, {"status": "draining"})
         assert await run(new_session) == 421
         code, reply = await run(lambda: finish(client))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import stat
 import threading
 import time
@@ -25,7 +24,9 @@ from smtpproxy.ids import new_message_id
 from smtpproxy.store import MessageStore, key_for, open_store
 from smtpproxy.store.local import LocalStore
 from smtpproxy.store.s3 import S3Store
+from tests.support.aws import no_real_aws
 from tests.support.mounts import TMPFS_SIZE, remount_read_only, small_tmpfs
+from tests.support.net import closed_port
 from tests.support.s3 import MotoS3
 
 PREFIX = "msgs/"
@@ -41,18 +42,7 @@ ALL_BYTES = bytes(range(256)) * 4
 
 @pytest.fixture(autouse=True)
 def _no_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Dummy AWS settings: whatever boto3 would pick up from the environment leads nowhere."""
-    for name in [n for n in os.environ if n.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    # a client built without an explicit endpoint fails here instead of calling AWS
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    no_real_aws(monkeypatch, tmp_path, AWS_SESSION_TOKEN="testing", AWS_DEFAULT_REGION="us-east-1")
 
 
 @pytest.fixture(scope="session")
@@ -93,13 +83,6 @@ def _plant_foreign(store: MessageStore, request: pytest.FixtureRequest, tmp_path
     assert isinstance(store, S3Store)
     for key in ("other/ab/cd/foreign.eml", "msgs-old/x.eml", "foreign.eml"):
         moto.s3.put_object(Bucket=store.bucket, Key=key, Body=b"not ours")
-
-
-def _closed_port() -> int:
-    """A local TCP port on which nothing listens (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _files(base: Path) -> list[str]:
@@ -503,7 +486,7 @@ def test_s3_unreachable_endpoint_is_unavailable(operation: str) -> None:
     store = S3Store(
         "bucket",
         prefix=PREFIX,
-        endpoint=f"http://127.0.0.1:{_closed_port()}",
+        endpoint=f"http://127.0.0.1:{closed_port()}",
         region="us-east-1",
         access_key_id="testing",
         secret_access_key="testing",

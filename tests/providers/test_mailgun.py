@@ -5,10 +5,7 @@ socket to tests/support/fake_mailgun.py, which checks requests as Mailgun docume
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from email.message import EmailMessage
-from email.policy import SMTP
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
@@ -25,7 +22,9 @@ from smtpproxy.delivery.providers.mailgun import (
 )
 from smtpproxy.models import OutcomeKind
 from tests.support import fake_mailgun
+from tests.support.deliveries import delivery, message, opened, wire
 from tests.support.fake_mailgun import FakeMailgun, Part, validate
+from tests.support.net import silent_server
 
 KEY = "key-3ax6xnjp29jd6fds4gc373sgvjxteol0"
 DOMAIN = "mg.example.com"
@@ -33,41 +32,6 @@ BINARY = bytes(range(256)) * 4  # every byte value, CR and LF included
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def message(
-    *,
-    to: str = "Bob <bob@example.org>",
-    cc: str | None = None,
-    subject: str = "hello",
-    text: str = "Hi Bob,\n",
-) -> EmailMessage:
-    m = EmailMessage()
-    m["From"] = "Alice Example <alice@example.com>"
-    m["To"] = to
-    if cc is not None:
-        m["Cc"] = cc
-    m["Subject"] = subject
-    m.set_content(text)
-    return m
-
-
-def wire(m: EmailMessage) -> bytes:
-    """The message as an SMTP client sends it (CRLF line ends)."""
-    data = m.as_bytes(policy=SMTP)
-    assert b"\r\n" in data
-    return data
-
-
-def delivery(body: bytes, *recipients: str) -> Delivery:
-    return Delivery(
-        message_id="msg-1",
-        tenant_id=1,
-        account_id=1,
-        mail_from="alice@example.com",
-        recipients=recipients or ("bob@example.org",),
-        body=body,
-    )
 
 
 def spec(endpoint: str | None = None, secret: str | None = KEY, **settings: Any) -> ProviderSpec:
@@ -80,13 +44,10 @@ def spec(endpoint: str | None = None, secret: str | None = KEY, **settings: Any)
     )
 
 
-@asynccontextmanager
-async def provider(url: str, secret: str = KEY, **settings: Any) -> AsyncIterator[MailgunProvider]:
-    p = MailgunProvider(spec(url, secret, **settings))
-    try:
-        yield p
-    finally:
-        await p.aclose()
+def provider(
+    url: str, secret: str = KEY, **settings: Any
+) -> AbstractAsyncContextManager[MailgunProvider]:
+    return opened(MailgunProvider(spec(url, secret, **settings)))
 
 
 def post(client: httpx.Client, path: str, **kwargs: Any) -> httpx.Response:
@@ -524,23 +485,9 @@ async def test_send_to_closed_port_is_retry_connection_error() -> None:
 
 async def test_send_to_silent_server_times_out_as_retry() -> None:
     """A server that accepts but never answers: a retry with "timeout" after the setting."""
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    held: list[trio.SocketStream] = []
-
-    async def accept_and_stay_silent() -> None:
-        while True:
-            held.append(await listener.accept())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(accept_and_stay_silent)
-        async with provider(f"http://127.0.0.1:{port}", timeout=0.5) as p:
-            with trio.fail_after(5):
-                outcome = await p.send(delivery(wire(message())))
-        nursery.cancel_scope.cancel()
-    for stream in held:
-        await stream.aclose()
-    await listener.aclose()
+    async with silent_server() as (url, held), provider(url, timeout=0.5) as p:
+        with trio.fail_after(5):
+            outcome = await p.send(delivery(wire(message())))
     assert held
     assert outcome.kind == OutcomeKind.RETRY
     assert outcome.detail.startswith("timeout")

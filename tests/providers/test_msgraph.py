@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import base64
 import email.policy
+import functools
 import json
-import socket
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from email.message import EmailMessage
+from contextlib import AbstractAsyncContextManager
 from email.parser import BytesParser
-from email.policy import SMTP, SMTPUTF8
+from email.policy import SMTPUTF8
 from typing import Any
 
 import httpx
@@ -35,8 +33,10 @@ from smtpproxy.delivery.providers.msgraph import (
     prepare_mime,
 )
 from smtpproxy.models import OutcomeKind
-from tests.support import fake_graph
+from tests.support import deliveries, fake_graph
+from tests.support.deliveries import opened, wire
 from tests.support.fake_graph import FakeGraph
+from tests.support.net import closed_port, silent_server
 
 USER = "sender@contoso.example"
 DELIVERED = OutcomeKind.DELIVERED
@@ -47,42 +47,12 @@ PERMANENT = OutcomeKind.PERMANENT
 # ---------------------------------------------------------------------------- helpers
 
 
-def message(
-    *,
-    sender: str = f"Sender <{USER}>",
-    to: str | None = "Bob <bob@example.org>",
-    cc: str | None = None,
-    bcc: str | None = None,
-    text: str = "Hi Bob,\n",
-    headers: tuple[tuple[str, str], ...] = (),
-) -> EmailMessage:
-    m = EmailMessage()
-    m["From"] = sender
-    for name, value in (("To", to), ("Cc", cc), ("Bcc", bcc)):
-        if value is not None:
-            m[name] = value
-    m["Subject"] = "Grüße"
-    for name, value in headers:
-        m[name] = value
-    m.set_content(text)
-    return m
-
-
-def wire(m: EmailMessage) -> bytes:
-    """The message as an SMTP client sends it (CRLF line ends)."""
-    data = m.as_bytes(policy=SMTP)
-    assert b"\r\n" in data
-    return data
+message = functools.partial(deliveries.message, sender=f"Sender <{USER}>", subject="Grüße")
 
 
 def delivery(body: bytes | None = None, *recipients: str) -> Delivery:
-    return Delivery(
-        message_id="msg-1",
-        tenant_id=1,
-        account_id=1,
-        mail_from=USER,
-        recipients=recipients or ("bob@example.org",),
-        body=body if body is not None else wire(message()),
+    return deliveries.delivery(
+        body if body is not None else wire(message()), *recipients, mail_from=USER
     )
 
 
@@ -102,19 +72,8 @@ def spec(fake: FakeGraph, secret: str | None = None, **settings: Any) -> Provide
     )
 
 
-@asynccontextmanager
-async def graph(fake: FakeGraph, **kwargs: Any) -> AsyncIterator[GraphProvider]:
-    provider = GraphProvider(spec(fake, **kwargs))
-    try:
-        yield provider
-    finally:
-        await provider.aclose()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def graph(fake: FakeGraph, **kwargs: Any) -> AbstractAsyncContextManager[GraphProvider]:
+    return opened(GraphProvider(spec(fake, **kwargs)))
 
 
 def sized(size: int) -> bytes:
@@ -821,24 +780,13 @@ async def test_graph_unreachable_is_retry() -> None:
 
 async def test_silent_graph_times_out_as_retry() -> None:
     """A Graph endpoint that accepts the connection and never answers: retry, "timeout"."""
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    held: list[trio.SocketStream] = []
-
-    async def accept_and_stay_silent() -> None:
-        while True:
-            held.append(await listener.accept())
-
     with FakeGraph() as fake:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(accept_and_stay_silent)
-            async with graph(fake, endpoint=f"http://127.0.0.1:{port}", timeout=0.5) as provider:
-                with trio.fail_after(5):
-                    outcome = await provider.send(delivery())
-            nursery.cancel_scope.cancel()
-    for stream in held:
-        await stream.aclose()
-    await listener.aclose()
+        async with (
+            silent_server() as (url, held),
+            graph(fake, endpoint=url, timeout=0.5) as provider,
+        ):
+            with trio.fail_after(5):
+                outcome = await provider.send(delivery())
     assert held
     assert outcome.kind == RETRY
     assert outcome.detail == "timeout: ReadTimeout"

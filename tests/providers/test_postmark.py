@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import email.header
 import email.utils
+import functools
 import json
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from email.message import EmailMessage
-from email.policy import SMTP, SMTPUTF8
+from email.policy import SMTPUTF8
 from typing import Any
 
 import httpx
@@ -32,8 +32,10 @@ from smtpproxy.delivery.providers.postmark import (
     combine,
 )
 from smtpproxy.models import Outcome, OutcomeKind
-from tests.support import fake_postmark
+from tests.support import deliveries, fake_postmark
+from tests.support.deliveries import message, opened, wire
 from tests.support.fake_postmark import FakePostmark, validate
+from tests.support.net import silent_server
 
 TOKEN = "2f1c3a4e-0000-4000-8000-postmarktest"
 PNG = bytes.fromhex(
@@ -46,54 +48,7 @@ BINARY = bytes(range(256)) * 4  # every byte value, CR and LF included
 # ---------------------------------------------------------------------------- helpers
 
 
-def message(
-    *,
-    sender: str | None = "Alice Example <alice@example.com>",
-    to: str | None = "Bob <bob@example.org>",
-    cc: str | None = None,
-    bcc: str | None = None,
-    reply_to: str | None = None,
-    subject: str | None = "hello",
-    text: str | None = "Hi Bob,\n",
-    html: str | None = None,
-    headers: tuple[tuple[str, str], ...] = (),
-) -> EmailMessage:
-    m = EmailMessage()
-    for name, value in (("From", sender), ("To", to), ("Cc", cc), ("Bcc", bcc)):
-        if value is not None:
-            m[name] = value
-    if reply_to is not None:
-        m["Reply-To"] = reply_to
-    if subject is not None:
-        m["Subject"] = subject
-    for name, value in headers:
-        m[name] = value
-    if text is not None:
-        m.set_content(text)
-    if html is not None:
-        if text is None:
-            m.set_content(html, subtype="html")
-        else:
-            m.add_alternative(html, subtype="html")
-    return m
-
-
-def wire(m: EmailMessage) -> bytes:
-    """The message as an SMTP client sends it (CRLF line ends)."""
-    data = m.as_bytes(policy=SMTP)
-    assert b"\r\n" in data
-    return data
-
-
-def delivery(body: bytes, *recipients: str, mail_from: str = "alice@example.com") -> Delivery:
-    return Delivery(
-        message_id="01J0000000ABCDEFGHJKMNPQRS",
-        tenant_id=1,
-        account_id=1,
-        mail_from=mail_from,
-        recipients=recipients or ("bob@example.org",),
-        body=body,
-    )
+delivery = functools.partial(deliveries.delivery, message_id="01J0000000ABCDEFGHJKMNPQRS")
 
 
 def build_all(d: Delivery, **kwargs: Any) -> list[dict[str, Any]]:
@@ -117,15 +72,10 @@ def spec(endpoint: str | None = None, secret: str | None = TOKEN, **settings: An
     )
 
 
-@asynccontextmanager
-async def provider(
+def provider(
     url: str, secret: str = TOKEN, **settings: Any
-) -> AsyncIterator[PostmarkProvider]:
-    p = PostmarkProvider(spec(url, secret, **settings))
-    try:
-        yield p
-    finally:
-        await p.aclose()
+) -> AbstractAsyncContextManager[PostmarkProvider]:
+    return opened(PostmarkProvider(spec(url, secret, **settings)))
 
 
 def decoded_name(address: str) -> tuple[str, str]:
@@ -372,6 +322,25 @@ def test_attachments_are_byte_exact_and_inline_image_has_content_id() -> None:
     assert "ContentID" not in by_name["all.bin"]
     assert base64.b64decode(by_name["grüße.txt"]["Content"]) == "Grüße\n".encode()
     assert body["HtmlBody"] == '<p><img src="cid:logo@example.com"></p>\r\n'
+
+
+def test_a_message_admitted_at_the_size_limit_fits_in_one_request() -> None:
+    """SMTP admission (TYPE.max_message_bytes) must not accept what Postmark then refuses:
+    a message of that size, nearly all attachment, still encodes under 10 MB once the
+    attachment is base64 in the JSON request."""
+    limit = postmark.TYPE.max_message_bytes
+    assert limit is not None
+    m = message(text="see attached\n")
+    m.add_attachment(b"", maintype="application", subtype="octet-stream", filename="a.bin")
+    overhead = len(wire(m))
+    # the attachment's base64 in the MIME message is 4/3 of its bytes, plus line breaks
+    payload = os.urandom((limit - overhead - 1024) * 3 // 4 * 76 // 78)
+    m = message(text="see attached\n")
+    m.add_attachment(payload, maintype="application", subtype="octet-stream", filename="a.bin")
+    raw = wire(m)
+    assert limit - 64 * 1024 < len(raw) <= limit
+    [request] = build_request(delivery(raw))
+    assert len(postmark.encode(request.body)) <= postmark.MAX_REQUEST_BYTES
 
 
 def test_to_and_cc_only_for_envelope_recipients_rest_is_bcc() -> None:
@@ -712,7 +681,7 @@ def test_combine_outcomes_of_per_recipient_requests() -> None:
 def test_type_declares_limits_settings_and_secret() -> None:
     """TYPE names postmark, its 50-recipient and 10 MB limits, and a required server token."""
     t = postmark.TYPE
-    assert (t.name, t.max_recipients, t.max_message_bytes) == ("postmark", 50, 10 * 1024 * 1024)
+    assert (t.name, t.max_recipients) == ("postmark", 50)
     assert (t.secret, t.secret_required) == ("server token", True)
     assert t.default_endpoint == "https://api.postmarkapp.com"
     assert set(t.settings) == {"message_stream", "timeout", "max_connections"}
@@ -902,23 +871,9 @@ async def test_send_to_closed_port_is_retry_connection_error() -> None:
 
 async def test_send_to_silent_server_times_out_as_retry() -> None:
     """A server that accepts but never answers: a retry with "timeout" after the setting."""
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    held: list[trio.SocketStream] = []
-
-    async def accept_and_stay_silent() -> None:
-        while True:
-            held.append(await listener.accept())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(accept_and_stay_silent)
-        async with provider(f"http://127.0.0.1:{port}", timeout=0.5) as p:
-            with trio.fail_after(5):
-                outcome = await p.send(delivery(wire(message())))
-        nursery.cancel_scope.cancel()
-    for stream in held:
-        await stream.aclose()
-    await listener.aclose()
+    async with silent_server() as (url, held), provider(url, timeout=0.5) as p:
+        with trio.fail_after(5):
+            outcome = await p.send(delivery(wire(message())))
     assert held
     assert outcome.kind == OutcomeKind.RETRY
     assert outcome.detail.startswith("timeout")

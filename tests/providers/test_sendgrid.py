@@ -11,10 +11,9 @@ import base64
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from email.message import EmailMessage
-from email.policy import SMTP, SMTPUTF8
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from email.policy import SMTPUTF8
 from typing import Any
 
 import httpx
@@ -30,7 +29,9 @@ from smtpproxy.delivery.providers.sendgrid import (
 )
 from smtpproxy.models import OutcomeKind
 from tests.support import fake_sendgrid
+from tests.support.deliveries import delivery, message, opened, wire
 from tests.support.fake_sendgrid import FakeSendGrid, validate
+from tests.support.net import silent_server
 
 KEY = "SG.test"
 PNG = bytes.fromhex(
@@ -41,49 +42,6 @@ BINARY = bytes(range(256)) * 4  # every byte value, CR and LF included
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def message(
-    *,
-    sender: str | None = "Alice Example <alice@example.com>",
-    to: str | None = "Bob <bob@example.org>",
-    cc: str | None = None,
-    bcc: str | None = None,
-    reply_to: str | None = None,
-    subject: str | None = "hello",
-    text: str = "Hi Bob,\n",
-    headers: tuple[tuple[str, str], ...] = (),
-) -> EmailMessage:
-    m = EmailMessage()
-    for name, value in (("From", sender), ("To", to), ("Cc", cc), ("Bcc", bcc)):
-        if value is not None:
-            m[name] = value
-    if reply_to is not None:
-        m["Reply-To"] = reply_to
-    if subject is not None:
-        m["Subject"] = subject
-    for name, value in headers:
-        m[name] = value
-    m.set_content(text)
-    return m
-
-
-def wire(m: EmailMessage) -> bytes:
-    """The message as an SMTP client sends it (CRLF line ends)."""
-    data = m.as_bytes(policy=SMTP)
-    assert b"\r\n" in data
-    return data
-
-
-def delivery(body: bytes, *recipients: str, mail_from: str = "alice@example.com") -> Delivery:
-    return Delivery(
-        message_id="msg-1",
-        tenant_id=1,
-        account_id=1,
-        mail_from=mail_from,
-        recipients=recipients or ("bob@example.org",),
-        body=body,
-    )
 
 
 def build(d: Delivery) -> dict[str, Any]:
@@ -97,15 +55,14 @@ def emails(people: list[dict[str, str]]) -> list[str]:
     return [p["email"] for p in people]
 
 
-@asynccontextmanager
-async def sendgrid(url: str, secret: str = KEY, **settings: Any) -> AsyncIterator[SendGridProvider]:
-    provider = SendGridProvider(
-        ProviderSpec(name="sg", type="sendgrid", endpoint=url, secret=secret, settings=settings)
+def sendgrid(
+    url: str, secret: str = KEY, **settings: Any
+) -> AbstractAsyncContextManager[SendGridProvider]:
+    return opened(
+        SendGridProvider(
+            ProviderSpec(name="sg", type="sendgrid", endpoint=url, secret=secret, settings=settings)
+        )
     )
-    try:
-        yield provider
-    finally:
-        await provider.aclose()
 
 
 # ---------------------------------------------------------------------------- the fake itself
@@ -775,25 +732,11 @@ async def test_send_to_closed_port_is_retry_connection_error() -> None:
 
 async def test_send_to_silent_server_times_out_as_retry() -> None:
     """A server that accepts the connection but never answers: a retry with "timeout"."""
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    held: list[trio.SocketStream] = []
-
-    async def accept_and_stay_silent() -> None:
-        while True:
-            held.append(await listener.accept())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(accept_and_stay_silent)
-        async with sendgrid(f"http://127.0.0.1:{port}", timeout=0.5) as provider:
-            with trio.fail_after(5):
-                started = trio.current_time()
-                outcome = await provider.send(delivery(wire(message())))
-                elapsed = trio.current_time() - started
-        nursery.cancel_scope.cancel()
-    for stream in held:
-        await stream.aclose()
-    await listener.aclose()
+    async with silent_server() as (url, held), sendgrid(url, timeout=0.5) as provider:
+        with trio.fail_after(5):
+            started = trio.current_time()
+            outcome = await provider.send(delivery(wire(message())))
+            elapsed = trio.current_time() - started
     assert held  # the connection was accepted: this is a read timeout
     assert outcome.kind == OutcomeKind.RETRY
     assert outcome.detail.startswith("timeout")

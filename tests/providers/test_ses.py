@@ -10,23 +10,15 @@ at a closed port, so no test can reach a real AWS endpoint.
 from __future__ import annotations
 
 import base64
-import collections
+import functools
 import json
-import os
-import socket
-import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.policy import SMTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
-import boto3
 import botocore.config
 import botocore.exceptions
 import pytest
@@ -34,7 +26,6 @@ import trio
 from botocore.model import ServiceModel
 from botocore.validate import ParamValidator
 from moto.core.models import DEFAULT_ACCOUNT_ID
-from moto.server import ThreadedMotoServer
 from moto.ses.models import ses_backends
 
 from smtpproxy.delivery.providers.base import Delivery, ProviderConfigError, ProviderSpec
@@ -48,6 +39,11 @@ from smtpproxy.delivery.providers.ses import (
     classify,
 )
 from smtpproxy.models import OutcomeKind
+from tests.support import deliveries
+from tests.support.aws import MotoServer, no_real_aws
+from tests.support.deliveries import opened, wire
+from tests.support.fakehttp import Answer, FakeHTTP, ReceivedRequest
+from tests.support.net import closed_port_url, silent_server
 
 REGION = "us-east-1"
 ACCESS_KEY = "AKIATESTINGSMTPPROXY"
@@ -59,42 +55,17 @@ SPEC_PATH = (
 SES_MODEL = ServiceModel(json.loads(SPEC_PATH.read_text(encoding="utf-8")), "sesv2")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(autouse=True)
 def _no_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Dummy AWS settings: whatever boto3 would pick up from the environment leads nowhere."""
-    for name in [n for n in os.environ if n.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    no_real_aws(monkeypatch, tmp_path)
 
 
 # ---------------------------------------------------------------------------- messages
 
 
-def message(
-    *, sender: str = f"Alice <{SENDER}>", to: str = "Bob <bob@example.org>", text: str = "Hi\n"
-) -> EmailMessage:
-    m = EmailMessage()
-    m["From"] = sender
-    m["To"] = to
-    m["Subject"] = "Grüße from smtpproxy"
-    m.set_content(text)
-    return m
-
-
-def wire(m: EmailMessage) -> bytes:
-    """The message as an SMTP client sends it (CRLF line ends)."""
-    return m.as_bytes(policy=SMTP)
+message = functools.partial(
+    deliveries.message, sender=f"Alice <{SENDER}>", subject="Grüße from smtpproxy", text="Hi\n"
+)
 
 
 def rich_body() -> bytes:
@@ -109,13 +80,8 @@ def rich_body() -> bytes:
 
 
 def delivery(body: bytes | None = None, *recipients: str, mail_from: str = SENDER) -> Delivery:
-    return Delivery(
-        message_id="msg-1",
-        tenant_id=1,
-        account_id=1,
-        mail_from=mail_from,
-        recipients=recipients or ("bob@example.org",),
-        body=body if body is not None else wire(message()),
+    return deliveries.delivery(
+        body if body is not None else wire(message()), *recipients, mail_from=mail_from
     )
 
 
@@ -128,13 +94,8 @@ def spec(endpoint: str | None, *, secret: str | None = SECRET_KEY, **settings: A
     )
 
 
-@asynccontextmanager
-async def ses(endpoint: str | None, **kwargs: Any) -> AsyncIterator[SesProvider]:
-    provider = SesProvider(spec(endpoint, **kwargs))
-    try:
-        yield provider
-    finally:
-        await provider.aclose()
+def ses(endpoint: str | None, **kwargs: Any) -> AbstractAsyncContextManager[SesProvider]:
+    return opened(SesProvider(spec(endpoint, **kwargs)))
 
 
 def model_problems(params: dict[str, Any]) -> str:
@@ -148,40 +109,22 @@ def model_problems(params: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- moto
 
 
-class MotoSES:
+class MotoSES(MotoServer):
     """moto's SES v2 in server mode on 127.0.0.1, with SENDER verified."""
 
-    def __init__(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.endpoint = ""
+    service = "sesv2"
+    access_key = ACCESS_KEY
+    secret_key = SECRET_KEY
+    config = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1})
 
-    def __enter__(self) -> MotoSES:
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.endpoint = f"http://{host}:{port}"
-        client = boto3.session.Session(
-            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
-        ).client(
-            "sesv2",
-            endpoint_url=self.endpoint,
-            config=botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1}),
-        )
+    def start(self) -> Self:
+        super().start()
         try:
-            client.create_email_identity(EmailIdentity=SENDER)
+            self.shared.create_email_identity(EmailIdentity=SENDER)
         except BaseException:
-            self._server.stop()
+            self.stop()
             raise
-        finally:
-            client.close()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._server.stop()
 
     @staticmethod
     def sent() -> list[Any]:
@@ -204,83 +147,35 @@ def moto_ses() -> Iterator[MotoSES]:
 
 
 @dataclass
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
+class Seen(ReceivedRequest):
+    body: dict[str, Any] = field(default_factory=dict)  # the JSON body
 
 
-@dataclass
-class ScriptedSES:
+class ScriptedSES(FakeHTTP[Seen]):
     """SES's REST-JSON SendEmail endpoint on 127.0.0.1: records each request and gives
     the next scripted answer, or 200 with a fresh MessageId."""
 
-    requests: list[Seen] = field(default_factory=list)
-    answers: collections.deque[tuple[int, dict[str, Any], dict[str, str]]] = field(
-        default_factory=collections.deque
-    )
-    _server: ThreadingHTTPServer | None = None
+    def __init__(self) -> None:
+        super().__init__(Seen)
 
     def fail_with(
         self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
     ) -> None:
         """Answer the next request with an AWS REST-JSON error."""
-        self.answers.append(
-            (status, {"message": message}, {"x-amzn-ErrorType": code, **(headers or {})})
+        self.respond_with(
+            status, {"message": message}, {"x-amzn-ErrorType": code, **(headers or {})}
         )
 
-    def __enter__(self) -> ScriptedSES:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                outer.requests.append(
-                    Seen(
-                        self.command,
-                        self.path,
-                        {k.lower(): v for k, v in self.headers.items()},
-                        json.loads(raw or b"{}"),
-                    )
-                )
-                status, body, headers = (
-                    outer.answers.popleft()
-                    if outer.answers
-                    else (200, {"MessageId": f"ses-{uuid.uuid4()}"}, {})
-                )
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+    def _answer(self, record: Seen) -> Answer:
+        record.body = json.loads(record.raw or b"{}")
+        status, body, headers = self._scripted() or Answer.of(
+            200, {"MessageId": f"ses-{uuid.uuid4()}"}
+        )
+        return Answer(
+            status,
+            body,
+            {"Content-Type": "application/json", "x-amzn-RequestId": str(uuid.uuid4()), **headers},
+        )
 
 
 # ---------------------------------------------------------------------------- build_request
@@ -655,33 +550,11 @@ async def test_send_over_configured_size_is_permanent_without_a_call() -> None:
 
 async def test_send_to_closed_port_is_retry_connection_error() -> None:
     """Nothing listening at the endpoint: a retry with "connection error"."""
-    async with ses(f"http://127.0.0.1:{_closed_port()}") as provider:
+    async with ses(closed_port_url()) as provider:
         with trio.fail_after(20):
             outcome = await provider.send(delivery())
     assert outcome.kind == OutcomeKind.RETRY
     assert outcome.detail == "connection error: EndpointConnectionError"
-
-
-@asynccontextmanager
-async def silent_server() -> AsyncIterator[tuple[str, list[trio.SocketStream]]]:
-    """An endpoint that accepts connections and never answers; yields (url, accepted)."""
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    held: list[trio.SocketStream] = []
-
-    async def accept_and_stay_silent() -> None:
-        while True:
-            held.append(await listener.accept())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(accept_and_stay_silent)
-        try:
-            yield f"http://127.0.0.1:{port}", held
-        finally:
-            nursery.cancel_scope.cancel()
-    for stream in held:
-        await stream.aclose()
-    await listener.aclose()
 
 
 async def test_send_to_silent_server_times_out_as_retry() -> None:

@@ -36,7 +36,9 @@ from smtpproxy.delivery.providers.smtp import (
     stuff,
 )
 from smtpproxy.models import Outcome, OutcomeKind
-from tests.support.fake_smtp import HOST, FakeSmtp, refused_port, silent_server
+from tests.support import deliveries
+from tests.support.fake_smtp import HOST, FakeSmtp, silent_server
+from tests.support.net import closed_port
 
 USER = "relay-user"
 PASSWORD = "s3cret-Pa55word"
@@ -69,14 +71,7 @@ def delivery(
     *recipients: str,
     mail_from: str = "alice@example.com",
 ) -> Delivery:
-    return Delivery(
-        message_id="msg-1",
-        tenant_id=1,
-        account_id=1,
-        mail_from=mail_from,
-        recipients=recipients or ("bob@example.org",),
-        body=body,
-    )
+    return deliveries.delivery(body, *recipients, mail_from=mail_from)
 
 
 def make_spec(
@@ -556,7 +551,7 @@ async def test_larger_than_server_size_is_permanent(tmp_path: Path) -> None:
 
 
 async def test_connection_refused_is_retry() -> None:
-    outcome = await send_one(make_spec(refused_port(), verify_tls=False), delivery())
+    outcome = await send_one(make_spec(closed_port(), verify_tls=False), delivery())
     assert outcome.kind == OutcomeKind.RETRY, outcome
     assert "cannot connect" in outcome.detail
 

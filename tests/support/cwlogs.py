@@ -12,21 +12,11 @@ let smtpproxy build its own client set the AWS_* environment to the same dummies
 
 from __future__ import annotations
 
-import itertools
 import logging
-import secrets
-import socket
 import threading
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
-import boto3
-import botocore.config
-from moto.server import ThreadedMotoServer
-
-REGION = "us-east-1"
-ACCESS_KEY = "testing"
-SECRET_KEY = "testing"  # moto accepts any credentials
+from tests.support.aws import ACCESS_KEY, REGION, SECRET_KEY, MotoServer
 
 
 def dummy_aws_environment() -> dict[str, str]:
@@ -42,14 +32,6 @@ def dummy_aws_environment() -> dict[str, str]:
         "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-
-
-def closed_port_url() -> str:
-    """An http:// URL on 127.0.0.1 where nothing listens (connections are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 class CallLog:
@@ -70,61 +52,24 @@ class CallLog:
         return len(self.calls)
 
 
-class MotoLogs:
+class MotoLogs(MotoServer):
     """moto in server mode for CloudWatch Logs; start() / stop(), or a context manager."""
 
-    def __init__(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._names = itertools.count()
-        self._run = secrets.token_hex(3)
-        self.endpoint = ""
-        self._client: Any = None
+    service = "logs"
 
-    def start(self) -> MotoLogs:
+    def start(self) -> Self:
         # werkzeug logs every request at INFO; smtpproxy routes the standard logging
         # module into its outputs, so these lines would land in the logs under test
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.endpoint = f"http://{host}:{port}"
-        self._client = self.client()
-        return self
-
-    def stop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        self._server.stop()
-
-    def __enter__(self) -> MotoLogs:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def client(self) -> Any:
-        """A fresh boto3 CloudWatch Logs client for the server (the caller closes it)."""
-        return boto3.session.Session(
-            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
-        ).client(
-            "logs",
-            endpoint_url=self.endpoint,
-            config=botocore.config.Config(retries={"mode": "standard", "max_attempts": 1}),
-        )
+        return super().start()
 
     @property
     def logs(self) -> Any:
-        assert self._client is not None, "MotoLogs is not started"
-        return self._client
+        return self.shared
 
     def new_group_name(self) -> str:
         """A log group name no other test uses (the group itself is not created)."""
-        return f"/test/smtpproxy-{self._run}-{next(self._names)}"
+        return self.unique_name("/test/smtpproxy-")
 
     def create(self, group: str, stream: str) -> None:
         """Create the log group and stream ahead of the code under test."""

@@ -1,9 +1,9 @@
 """A local fake of Microsoft Graph's sendMail (MIME form) and the Microsoft identity
 platform's client-credentials token endpoint, for tests.
 
-FakeGraph is one real HTTP/1.1 server (http.server.ThreadingHTTPServer on 127.0.0.1, a
-free port, serving from a daemon thread) that plays both hosts: point a provider's
-endpoint and login endpoint at ``fake.url``. It checks every request the way the
+FakeGraph is one real HTTP/1.1 server on 127.0.0.1 (the harness of
+tests/support/fakehttp.py) that plays both hosts: point a provider's endpoint and login
+endpoint at ``fake.url``. It checks every request the way the
 documentation describes, answers refused requests with the documented error bodies,
 records every request (valid or not) in ``requests`` and every reason it refused one
 in ``errors``.
@@ -74,18 +74,18 @@ import collections
 import email.policy
 import json
 import re
-import threading
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.parser import BytesParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from tests.support import fakehttp
+from tests.support.fakehttp import Answer, FakeHTTP, Refused
 
 SPECS = Path(__file__).resolve().parent.parent / "provider_specs"
 TOKEN_DOC: dict[str, Any] = json.loads(
@@ -140,105 +140,28 @@ for _name in ("missing_param", "bad_grant", "bad_scope", "unknown_client", "bad_
 
 
 @dataclass
-class ReceivedRequest:
+class ReceivedRequest(fakehttp.ReceivedRequest):
     """One request as the fake saw it, and how it answered."""
 
-    kind: str  # "token", "sendmail" or "other"
-    method: str
-    path: str
-    headers: dict[str, str]  # names lower-cased
-    raw: bytes
+    kind: str = "other"  # "token", "sendmail" or "other"
     form: dict[str, str] = field(default_factory=dict)  # a token request's fields
     token: str | None = None  # the Bearer token of a sendMail request
     user: str | None = None  # the user segment of a sendMail path, decoded
     mime: bytes | None = None  # a sendMail body, decoded from base64
-    errors: list[str] = field(default_factory=list)  # why it was refused; [] if valid
-    status: int = 0
-    response_headers: dict[str, str] = field(default_factory=dict)
-    response_body: bytes = b""
-
-    @property
-    def valid(self) -> bool:
-        return not self.errors
-
-    @property
-    def accepted(self) -> bool:
-        return self.valid and 200 <= self.status < 300
 
     @property
     def json(self) -> Any:
         return json.loads(self.response_body) if self.response_body else None
 
 
-class _Answer(NamedTuple):
-    status: int
-    body: bytes
-    headers: dict[str, str]
+class FakeGraph(FakeHTTP[ReceivedRequest]):
+    """Graph's sendMail and the identity platform's token endpoint on 127.0.0.1.
 
+    respond_with() queues the answer to the next valid sendMail request (which gets
+    Graph's request-id and client-request-id headers added).
+    """
 
-class _Refused(Exception):
-    def __init__(self, answer: _Answer, reason: str) -> None:
-        super().__init__(reason)
-        self.answer = answer
-        self.reason = reason
-
-
-def _body(value: object, headers: Mapping[str, str] | None) -> tuple[bytes, dict[str, str]]:
-    out = dict(headers or {})
-    if isinstance(value, (dict, list)):
-        out.setdefault("Content-Type", "application/json")
-        return json.dumps(value).encode(), out
-    if isinstance(value, str):
-        out.setdefault("Content-Type", "text/plain; charset=utf-8")
-        return value.encode(), out
-    if isinstance(value, bytes):
-        return value, out
-    if value is None:
-        return b"", out
-    raise TypeError(f"cannot send a {type(value).__name__} body")
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeGraph
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
     server_version = "FakeGraph/1"
-    timeout = 30
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
-
-    def do_POST(self) -> None:
-        fake = self.server.fake
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        record = ReceivedRequest(
-            kind="other",
-            method=self.command,
-            path=self.path,
-            headers={k.lower(): v for k, v in self.headers.items()},
-            raw=raw,
-        )
-        answer = fake._answer(record)
-        record.status = answer.status
-        record.response_headers = dict(answer.headers)
-        record.response_body = answer.body
-        fake._record(record)
-        self.send_response(answer.status)
-        for key, value in answer.headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(answer.body)))
-        self.end_headers()
-        self.wfile.write(answer.body)
-
-    do_GET = do_PUT = do_PATCH = do_DELETE = do_POST  # noqa: N815
-
-
-class FakeGraph:
-    """Graph's sendMail and the identity platform's token endpoint on 127.0.0.1."""
 
     def __init__(
         self,
@@ -250,68 +173,17 @@ class FakeGraph:
         token_lifetime: float = 3599,
         token_delay: float = 0.0,
     ) -> None:
+        super().__init__(ReceivedRequest)
         self.tenant_id = tenant_id
         self.client_id = client_id
         self.client_secret = client_secret
         self.users = users
         self.token_lifetime = token_lifetime
         self.token_delay = token_delay
-        self.requests: list[ReceivedRequest] = []
-        self.errors: list[str] = []
         self._tokens: dict[str, float] = {}  # token -> monotonic expiry
-        self._answers: collections.deque[_Answer] = collections.deque()
-        self._token_answers: collections.deque[_Answer] = collections.deque()
-        self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # lifecycle
-
-    def start(self) -> FakeGraph:
-        server = _Server(("127.0.0.1", 0), _Handler)
-        server.fake = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeGraph:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """The base URL, http://127.0.0.1:PORT, for both Graph and the login endpoint."""
-        if self._server is None:
-            raise RuntimeError("FakeGraph is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        self._token_answers: collections.deque[Answer] = collections.deque()
 
     # scripting
-
-    def respond_with(
-        self, status: int, body: object = None, headers: Mapping[str, str] | None = None
-    ) -> None:
-        """Queue the answer to the next valid sendMail request (dict/list body as JSON)."""
-        data, out = _body(body, headers)
-        with self._lock:
-            self._answers.append(_Answer(status, data, out))
 
     def respond_error(
         self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
@@ -323,9 +195,9 @@ class FakeGraph:
         self, status: int, body: object = None, headers: Mapping[str, str] | None = None
     ) -> None:
         """Queue the answer to the next valid token request."""
-        data, out = _body(body, headers)
+        answer = Answer.of(status, body, headers)
         with self._lock:
-            self._token_answers.append(_Answer(status, data, out))
+            self._token_answers.append(answer)
 
     def expire_tokens(self) -> None:
         """Every token issued so far is expired from now on."""
@@ -357,28 +229,19 @@ class FakeGraph:
 
     # request handling (server threads)
 
-    def _record(self, record: ReceivedRequest) -> None:
-        with self._lock:
-            self.requests.append(record)
-            self.errors.extend(record.errors)
-
-    def _answer(self, record: ReceivedRequest) -> _Answer:
+    def _answer(self, record: ReceivedRequest) -> Answer:
         path = urlsplit(record.path).path
-        try:
-            if match := TOKEN_PATH.match(path):
-                record.kind = "token"
-                return self._token(record, unquote(match["tenant"]))
-            if match := SEND_PATH.match(path):
-                record.kind = "sendmail"
-                record.user = unquote(match["user"])
-                return self._sendmail(record)
-            segment = next((s for s in reversed(path.split("/")) if s), "")
-            self._graph_refuse(
-                record, 400, "BadRequest", f"Resource not found for the segment '{segment}'."
-            )
-        except _Refused as refused:
-            record.errors.append(refused.reason)
-            return refused.answer
+        if match := TOKEN_PATH.match(path):
+            record.kind = "token"
+            return self._token(record, unquote(match["tenant"]))
+        if match := SEND_PATH.match(path):
+            record.kind = "sendmail"
+            record.user = unquote(match["user"])
+            return self._sendmail(record)
+        segment = next((s for s in reversed(path.split("/")) if s), "")
+        self._graph_refuse(
+            record, 400, "BadRequest", f"Resource not found for the segment '{segment}'."
+        )
         raise AssertionError("unreachable")
 
     # token endpoint
@@ -401,14 +264,14 @@ class FakeGraph:
             "trace_id": trace,
             "correlation_id": correlation,
         }
-        answer = _Answer(
+        answer = Answer.of(
             status,
-            json.dumps(body).encode(),
+            body,
             {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"},
         )
-        raise _Refused(answer, f"token: {error}: {text}")
+        raise Refused(answer, f"token: {error}: {text}")
 
-    def _token(self, record: ReceivedRequest, tenant: str) -> _Answer:
+    def _token(self, record: ReceivedRequest, tenant: str) -> Answer:
         if self.token_delay:
             time.sleep(self.token_delay)
         if record.method != "POST":
@@ -447,9 +310,9 @@ class FakeGraph:
             "ext_expires_in": int(lifetime),
             "access_token": token,
         }
-        return _Answer(
+        return Answer.of(
             200,
-            json.dumps(body).encode(),
+            body,
             {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"},
         )
 
@@ -472,12 +335,10 @@ class FakeGraph:
         ids = self._ids(record)
         inner = {"date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"), **ids}
         body = {"error": {"code": code, "message": message, "innerError": inner}}
-        answer = _Answer(
-            status,
-            json.dumps(body).encode(),
-            {"Content-Type": "application/json", **ids, **(headers or {})},
+        answer = Answer.of(
+            status, body, {"Content-Type": "application/json", **ids, **(headers or {})}
         )
-        raise _Refused(answer, f"graph: {status} {code}: {message}")
+        raise Refused(answer, f"graph: {status} {code}: {message}")
 
     def _check_token(self, record: ReceivedRequest) -> None:
         scheme, _, token = record.headers.get("authorization", "").partition(" ")
@@ -525,7 +386,7 @@ class FakeGraph:
             if not (local and at and domain):
                 self._graph_refuse(record, *_send_error("bad_recipient", x=address))
 
-    def _sendmail(self, record: ReceivedRequest) -> _Answer:
+    def _sendmail(self, record: ReceivedRequest) -> Answer:
         if record.method != "POST":
             self._graph_refuse(
                 record, 405, "Request_BadRequest", "Specified HTTP method is not allowed."
@@ -547,8 +408,7 @@ class FakeGraph:
         record.mime = mime
         self._check_mime(record, mime)
         ids = self._ids(record)
-        with self._lock:
-            scripted = self._answers.popleft() if self._answers else None
+        scripted = self._scripted()
         if scripted is not None:
-            return _Answer(scripted.status, scripted.body, {**ids, **scripted.headers})
-        return _Answer(202, b"", ids)
+            return Answer(scripted.status, scripted.body, {**ids, **scripted.headers})
+        return Answer(202, b"", ids)

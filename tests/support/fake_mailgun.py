@@ -1,11 +1,11 @@
 """A local fake of Mailgun's raw-MIME send (POST /v3/{domain}/messages.mime) for tests.
 
-FakeMailgun is a real HTTP/1.1 server (http.server.ThreadingHTTPServer on 127.0.0.1, a
-free port, serving from a daemon thread). It checks every request the way Mailgun
-documents it, answers refused requests the way Mailgun does, records every request
-(valid or not) in ``requests`` with the exact bytes of its ``message`` part and its
-``to`` fields, and collects every reason it refused one in ``errors``. A valid request
-gets the next answer queued with ``respond_with()``, or by default ``200`` with
+FakeMailgun is a real HTTP/1.1 server on 127.0.0.1 (the harness of
+tests/support/fakehttp.py). It checks every request the way Mailgun documents it,
+answers refused requests the way Mailgun does, records every request (valid or not) in
+``requests`` with the exact bytes of its ``message`` part and its ``to`` fields, and
+collects every reason it refused one in ``errors``. A valid request gets the next
+answer queued with ``respond_with()``, or by default ``200`` with
 ``{"id": "<...@domain>", "message": "Queued. Thank you."}`` and a fresh id.
 
     with FakeMailgun(api_key="key-test", domains=("mg.example.com",)) as fake:
@@ -59,22 +59,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import datetime
 import email.utils
 import json
 import re
-import threading
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any, NamedTuple
 
 from jsonschema import Draft202012Validator
+
+from tests.support import fakehttp
+from tests.support.fakehttp import Answer, FakeHTTP, Refused
 
 SPECS = Path(__file__).resolve().parent.parent / "provider_specs"
 SPEC_PATH = SPECS / "mailgun_messages.openapi.json"
@@ -267,20 +265,12 @@ def validate(fields: list[tuple[str, str]], files: list[Part]) -> list[str]:
 
 
 @dataclass
-class ReceivedRequest:
+class ReceivedRequest(fakehttp.ReceivedRequest):
     """One request as the fake saw it, and how it answered."""
 
-    method: str
-    path: str
-    headers: dict[str, str]  # names lower-cased
-    raw: bytes  # the body as received
     domain: str | None = None
     fields: list[tuple[str, str]] = field(default_factory=list)  # non-file form fields
     files: list[Part] = field(default_factory=list)  # file parts
-    errors: list[str] = field(default_factory=list)  # why it was refused; [] if valid
-    status: int = 0
-    response_headers: dict[str, str] = field(default_factory=dict)
-    response_body: bytes = b""
 
     @property
     def message(self) -> bytes | None:
@@ -293,187 +283,31 @@ class ReceivedRequest:
         """The ``to`` fields, in order, as sent."""
         return [value for name, value in self.fields if name == "to"]
 
-    @property
-    def valid(self) -> bool:
-        return not self.errors
 
-    @property
-    def accepted(self) -> bool:
-        """Valid, and answered with a 2xx status."""
-        return self.valid and 200 <= self.status < 300
+def _message_answer(status: int, message: str) -> Answer:
+    return Answer.of(status, {"message": message})
 
 
-class _Answer(NamedTuple):
-    status: int
-    body: bytes
-    headers: dict[str, str]
+def _message_refused(status: int, message: str, reason: str | None = None) -> Refused:
+    return Refused(_message_answer(status, message), reason or message)
 
 
-def _message_answer(status: int, message: str) -> _Answer:
-    body = json.dumps({"message": message}).encode()
-    return _Answer(status, body, {"Content-Type": "application/json"})
-
-
-class _Refused(Exception):
-    def __init__(self, answer: _Answer, reason: str) -> None:
-        super().__init__(reason)
-        self.answer = answer
-        self.reason = reason
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeMailgun
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects
-    server_version = "FakeMailgun/1"
-    timeout = 30  # an idle keep-alive connection's thread ends after this
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass  # quiet: requests are recorded instead
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    do_GET = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_POST  # noqa: N815
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
-            while length := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                chunks.append(self.rfile.read(length))
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _handle(self) -> None:
-        fake = self.server.fake
-        record = ReceivedRequest(
-            method=self.command,
-            path=self.path,
-            headers={k.lower(): v for k, v in self.headers.items()},
-            raw=self._read_body(),
-        )
-        answer = fake._answer(record)
-        record.status = answer.status
-        record.response_headers = dict(answer.headers)
-        record.response_body = answer.body
-        fake._record(record)
-        self.send_response(answer.status)
-        for key, value in answer.headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(answer.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(answer.body)
-
-
-class FakeMailgun:
+class FakeMailgun(FakeHTTP[ReceivedRequest]):
     """Mailgun's POST /v3/{domain}/messages.mime on 127.0.0.1, checking as Mailgun does."""
+
+    server_version = "FakeMailgun/1"
 
     def __init__(
         self, api_key: str = "key-test", domains: tuple[str, ...] = ("mg.example.com",)
     ) -> None:
+        super().__init__(ReceivedRequest)
         self.api_key = api_key
         self.domains = frozenset(d.lower() for d in domains)
-        self.requests: list[ReceivedRequest] = []
-        self.errors: list[str] = []  # every reason any request was refused, in order
-        self._answers: collections.deque[_Answer] = collections.deque()
-        self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    # lifecycle
-
-    def start(self) -> FakeMailgun:
-        server = _Server(("127.0.0.1", 0), _Handler)
-        server.fake = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeMailgun:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """The base URL, http://127.0.0.1:PORT (still known after stop())."""
-        if self._server is None:
-            raise RuntimeError("FakeMailgun is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    # scripting
-
-    def respond_with(
-        self, status: int, body: object = None, headers: Mapping[str, str] | None = None
-    ) -> None:
-        """Queue the answer to the next valid request (answers are used in order).
-
-        body: a dict or list is sent as JSON, str as UTF-8 text, bytes as they are,
-        None as an empty body. Headers are sent as given.
-        """
-        out_headers = dict(headers or {})
-        if isinstance(body, (dict, list)):
-            data = json.dumps(body).encode()
-            out_headers.setdefault("Content-Type", "application/json")
-        elif isinstance(body, str):
-            data = body.encode()
-            out_headers.setdefault("Content-Type", "text/plain; charset=utf-8")
-        elif isinstance(body, bytes):
-            data = body
-        elif body is None:
-            data = b""
-        else:
-            raise TypeError(f"cannot send a {type(body).__name__} body")
-        with self._lock:
-            self._answers.append(_Answer(status, data, out_headers))
-
-    @property
-    def accepted(self) -> list[ReceivedRequest]:
-        """The requests that were valid and answered 2xx."""
-        with self._lock:
-            return [r for r in self.requests if r.accepted]
-
-    # request handling (called from the server's threads)
-
-    def _record(self, record: ReceivedRequest) -> None:
-        with self._lock:
-            self.requests.append(record)
-            self.errors.extend(record.errors)
-
-    def _next_answer(self, domain: str) -> _Answer:
-        with self._lock:
-            if self._answers:
-                return self._answers.popleft()
+    def _default_answer(self, domain: str) -> Answer:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d%H%M%S")
         message_id = f"<{stamp}.{uuid.uuid4().hex[:16]}@{domain}>"
-        body = json.dumps({"id": message_id, "message": MSG_QUEUED}).encode()
-        return _Answer(200, body, {"Content-Type": "application/json"})
+        return Answer.of(200, {"id": message_id, "message": MSG_QUEUED})
 
     def _check_auth(self, record: ReceivedRequest) -> None:
         scheme, _, token = record.headers.get("authorization", "").partition(" ")
@@ -482,13 +316,13 @@ class FakeMailgun:
         except (binascii.Error, UnicodeDecodeError):
             user, key = "", ""
         if scheme.lower() != "basic" or user != "api" or key != self.api_key:
-            answer = _Answer(401, MSG_FORBIDDEN.encode(), {"Content-Type": "text/plain"})
-            raise _Refused(answer, MSG_FORBIDDEN)
+            answer = Answer(401, MSG_FORBIDDEN.encode(), {"Content-Type": "text/plain"})
+            raise Refused(answer, MSG_FORBIDDEN)
 
     def _parse(self, record: ReceivedRequest) -> None:
         boundary = boundary_of(record.headers.get("content-type", ""))
         if boundary is None:
-            raise _Refused(_message_answer(400, MSG_NOT_MULTIPART), MSG_NOT_MULTIPART)
+            raise _message_refused(400, MSG_NOT_MULTIPART)
         try:
             parts = parse_multipart(record.raw, boundary)
             for part in parts:
@@ -497,36 +331,29 @@ class FakeMailgun:
                 else:
                     record.files.append(part)
         except (MultipartError, UnicodeDecodeError) as exc:
-            reason = f"{MSG_BAD_MULTIPART}: {exc}"
-            raise _Refused(_message_answer(400, MSG_BAD_MULTIPART), reason) from exc
+            raise _message_refused(400, MSG_BAD_MULTIPART, f"{MSG_BAD_MULTIPART}: {exc}") from exc
 
     def _check_route(self, record: ReceivedRequest) -> str:
-        """The domain of a request Mailgun would route; _Refused otherwise."""
+        """The domain of a request Mailgun would route; Refused otherwise."""
         if len(record.raw) > MAX_REQUEST_BYTES:  # nginx, before the API sees anything
-            answer = _Answer(413, NGINX_413, {"Content-Type": "text/html"})
-            raise _Refused(answer, "413 Request Entity Too Large")
+            answer = Answer(413, NGINX_413, {"Content-Type": "text/html"})
+            raise Refused(answer, "413 Request Entity Too Large")
         route = PATH.fullmatch(record.path.split("?", 1)[0])
         if route is None:
-            raise _Refused(_message_answer(404, MSG_NOT_FOUND), MSG_NOT_FOUND)
+            raise _message_refused(404, MSG_NOT_FOUND)
         if record.method != "POST":
-            answer = _message_answer(405, MSG_METHOD_NOT_ALLOWED)
-            raise _Refused(answer, MSG_METHOD_NOT_ALLOWED)
+            raise _message_refused(405, MSG_METHOD_NOT_ALLOWED)
         self._check_auth(record)
         domain = route["domain"]
         if domain.lower() not in self.domains:
-            message = f"Domain not found: {domain}"
-            raise _Refused(_message_answer(404, message), message)
+            raise _message_refused(404, f"Domain not found: {domain}")
         return domain
 
-    def _answer(self, record: ReceivedRequest) -> _Answer:
-        try:
-            record.domain = self._check_route(record)
-            self._parse(record)
-        except _Refused as refused:
-            record.errors = [refused.reason]
-            return refused.answer
+    def _answer(self, record: ReceivedRequest) -> Answer:
+        domain = record.domain = self._check_route(record)
+        self._parse(record)
         found = validate(record.fields, record.files)
         if found:
             record.errors = found
             return _message_answer(400, found[0])
-        return self._next_answer(record.domain)
+        return self._scripted() or self._default_answer(domain)

@@ -1,10 +1,10 @@
 """A local fake of Postmark's Email API (POST /email) for tests.
 
-FakePostmark is a real HTTP/1.1 server (http.server.ThreadingHTTPServer on 127.0.0.1, a
-free port, serving from a daemon thread). It checks every request the way Postmark
-documents it, answers refused requests the way Postmark does ({"ErrorCode", "Message"}),
-records every request (valid or not) in ``requests`` with its parsed JSON body, and
-collects every reason it refused one in ``errors``. A valid request gets the next
+FakePostmark is a real HTTP/1.1 server on 127.0.0.1 (the harness of
+tests/support/fakehttp.py). It checks every request the way Postmark documents it,
+answers refused requests the way Postmark does ({"ErrorCode", "Message"}), records every
+request (valid or not) in ``requests`` with its parsed JSON body, and collects every
+reason it refused one in ``errors``. A valid request gets the next
 answer queued with ``respond_with()``, or by default ``200`` with
 {"To", "SubmittedAt", "MessageID", "ErrorCode": 0, "Message": "OK"}.
 
@@ -72,21 +72,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import datetime
 import email.utils
 import json
 import re
-import threading
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, NamedTuple
 
 from jsonschema import Draft202012Validator
+
+from tests.support import fakehttp
+from tests.support.fakehttp import Answer, FakeHTTP, Refused
 
 SPECS = Path(__file__).resolve().parent.parent / "provider_specs"
 SCHEMA_PATH = SPECS / "postmark_email.schema.json"
@@ -279,27 +278,10 @@ def validate(body: object) -> list[str]:
 
 
 @dataclass
-class ReceivedRequest:
+class ReceivedRequest(fakehttp.ReceivedRequest):
     """One request as the fake saw it, and how it answered."""
 
-    method: str
-    path: str
-    headers: dict[str, str]  # names lower-cased
-    raw: bytes  # the body as received
     body: Any = None  # the parsed JSON body, None when it was not JSON
-    errors: list[str] = field(default_factory=list)  # why it was refused; [] if valid
-    status: int = 0
-    response_headers: dict[str, str] = field(default_factory=dict)
-    response_body: bytes = b""
-
-    @property
-    def valid(self) -> bool:
-        return not self.errors
-
-    @property
-    def accepted(self) -> bool:
-        """Valid, and answered with a 2xx status."""
-        return self.valid and 200 <= self.status < 300
 
     @property
     def response(self) -> Any:
@@ -307,85 +289,26 @@ class ReceivedRequest:
         return json.loads(self.response_body)
 
 
-class _Answer(NamedTuple):
-    status: int
-    body: bytes
-    headers: dict[str, str]
-
-
-def _error(status: int, code: int | None, message: str) -> _Answer:
+def _error(status: int, code: int | None, message: str) -> Answer:
     """Postmark's error body; code None for HTTP-level answers without an ErrorCode."""
     data: dict[str, Any] = {"Message": message} if code is None else {"ErrorCode": code}
     data["Message"] = message
-    return _Answer(status, json.dumps(data).encode(), {"Content-Type": "application/json"})
+    return Answer.of(status, data)
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, code: int | None, message: str) -> None:
-        super().__init__(message)
-        self.answer = _error(status, code, message)
-        self.reason = f"{code}: {message}" if code is not None else f"HTTP {status}: {message}"
+def _refused(status: int, code: int | None, message: str) -> Refused:
+    reason = f"{code}: {message}" if code is not None else f"HTTP {status}: {message}"
+    return Refused(_error(status, code, message), reason)
 
 
 def _media_type(value: str) -> str:
     return value.partition(";")[0].strip().lower()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakePostmark
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects
-    server_version = "FakePostmark/1"
-    timeout = 30  # an idle keep-alive connection's thread ends after this
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass  # quiet: requests are recorded instead
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    do_GET = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_POST  # noqa: N815
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
-            while length := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                chunks.append(self.rfile.read(length))
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            return b"".join(chunks)
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _handle(self) -> None:
-        fake = self.server.fake
-        record = ReceivedRequest(
-            method=self.command,
-            path=self.path,
-            headers={k.lower(): v for k, v in self.headers.items()},
-            raw=self._read_body(),
-        )
-        answer = fake._answer(record)
-        record.status = answer.status
-        record.response_headers = dict(answer.headers)
-        record.response_body = answer.body
-        fake._record(record)
-        self.send_response(answer.status)
-        for key, value in answer.headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(answer.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(answer.body)
-
-
-class FakePostmark:
+class FakePostmark(FakeHTTP[ReceivedRequest]):
     """Postmark's POST /email on 127.0.0.1, checking requests as Postmark does."""
+
+    server_version = "FakePostmark/1"
 
     def __init__(
         self,
@@ -395,154 +318,68 @@ class FakePostmark:
         senders: tuple[str, ...] | None = None,
         streams: tuple[str, ...] = ("outbound",),
     ) -> None:
+        super().__init__(ReceivedRequest)
         self.server_token = server_token
         self.inactive = frozenset(a.lower() for a in inactive)
         # confirmed sender signatures: addresses, or "@domain" for a whole domain
         self.senders = None if senders is None else frozenset(s.lower() for s in senders)
         self.streams = frozenset(streams)
-        self.requests: list[ReceivedRequest] = []
-        self.errors: list[str] = []  # every reason any request was refused, in order
-        self._answers: collections.deque[_Answer] = collections.deque()
-        self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # lifecycle
-
-    def start(self) -> FakePostmark:
-        server = _Server(("127.0.0.1", 0), _Handler)
-        server.fake = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakePostmark:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """The base URL, http://127.0.0.1:PORT (still known after stop())."""
-        if self._server is None:
-            raise RuntimeError("FakePostmark is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    # scripting
-
-    def respond_with(
-        self, status: int, body: object = None, headers: Mapping[str, str] | None = None
-    ) -> None:
-        """Queue the answer to the next valid request (answers are used in order).
-
-        body: a dict or list is sent as JSON, str as UTF-8 text, bytes as they are,
-        None as an empty body. Headers are sent as given.
-        """
-        out_headers = dict(headers or {})
-        if isinstance(body, (dict, list)):
-            data = json.dumps(body).encode()
-            out_headers.setdefault("Content-Type", "application/json")
-        elif isinstance(body, str):
-            data = body.encode()
-            out_headers.setdefault("Content-Type", "text/plain; charset=utf-8")
-        elif isinstance(body, bytes):
-            data = body
-        elif body is None:
-            data = b""
-        else:
-            raise TypeError(f"cannot send a {type(body).__name__} body")
-        with self._lock:
-            self._answers.append(_Answer(status, data, out_headers))
-
-    @property
-    def accepted(self) -> list[ReceivedRequest]:
-        """The requests that were valid and answered 2xx."""
-        with self._lock:
-            return [r for r in self.requests if r.accepted]
-
-    # request handling (called from the server's threads)
-
-    def _record(self, record: ReceivedRequest) -> None:
-        with self._lock:
-            self.requests.append(record)
-            self.errors.extend(record.errors)
 
     def _check_http(self, record: ReceivedRequest) -> None:
         if len(record.raw) > MAX_REQUEST_BYTES:
-            raise _Refused(413, 300, MSG_TOO_LARGE)
+            raise _refused(413, 300, MSG_TOO_LARGE)
         if record.path.split("?", 1)[0] != PATH:
-            raise _Refused(404, None, MSG_NOT_FOUND)
+            raise _refused(404, None, MSG_NOT_FOUND)
         if record.method != "POST":
-            raise _Refused(405, None, MSG_METHOD_NOT_ALLOWED)
+            raise _refused(405, None, MSG_METHOD_NOT_ALLOWED)
         token = record.headers.get(TOKEN_HEADER, "").strip()
         if not token:
-            raise _Refused(401, 10, MSG_AUTH_MISSING)
+            raise _refused(401, 10, MSG_AUTH_MISSING)
         if token.lower() != self.server_token.lower():  # "header name and value are case
-            raise _Refused(401, 10, MSG_AUTH_INVALID)  # insensitive" (API overview)
+            raise _refused(401, 10, MSG_AUTH_INVALID)  # insensitive" (API overview)
         for name in ("accept", "content-type"):
             if _media_type(record.headers.get(name, "")) != "application/json":
-                raise _Refused(415, 409, MSG_JSON_REQUIRED)
+                raise _refused(415, 409, MSG_JSON_REQUIRED)
 
     def _decode(self, record: ReceivedRequest) -> dict[str, Any]:
         try:
             body = json.loads(record.raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise _Refused(422, 402, MSG_INVALID_JSON) from exc
+            raise _refused(422, 402, MSG_INVALID_JSON) from exc
         record.body = body
         if not isinstance(body, dict):
-            raise _Refused(422, 402, MSG_INVALID_JSON)
+            raise _refused(422, 402, MSG_INVALID_JSON)
         return body
 
     def _check_account(self, body: dict[str, Any]) -> list[str]:
-        """The inactive recipients of a valid body; _Refused for account refusals."""
+        """The inactive recipients of a valid body; Refused for account refusals."""
         stream = body.get("MessageStream", "outbound")
         if stream not in self.streams:
             message = f"The message stream '{stream}' does not exist on this server."
-            raise _Refused(422, 1235, message)
+            raise _refused(422, 1235, message)
         sender = (addresses(body.get("From")) or [""])[0].lower()
         if self.senders is not None and not (
             sender in self.senders or "@" + sender.rpartition("@")[2] in self.senders
         ):
-            raise _Refused(422, 400, MSG_NOT_A_SENDER.format(address=body["From"]))
+            raise _refused(422, 400, MSG_NOT_A_SENDER.format(address=body["From"]))
         recipients = [a for f in RECIPIENT_FIELDS for a in addresses(body.get(f))]
         inactive = [a for a in recipients if a.lower() in self.inactive]
         if inactive and len(inactive) == len(recipients):
             message = MSG_ALL_INACTIVE.format(addresses=", ".join(a.lower() for a in inactive))
-            raise _Refused(422, 406, message)
+            raise _refused(422, 406, message)
         return inactive
 
-    def _answer(self, record: ReceivedRequest) -> _Answer:
-        try:
-            self._check_http(record)
-            body = self._decode(record)
-            found = problems(body)
-            if found:
-                record.errors = [str(p) for p in found]
-                return _error(422, found[0].code, found[0].message)
-            inactive = self._check_account(body)
-        except _Refused as refused:
-            record.errors = [refused.reason]
-            return refused.answer
-        with self._lock:
-            if self._answers:
-                return self._answers.popleft()
+    def _answer(self, record: ReceivedRequest) -> Answer:
+        self._check_http(record)
+        body = self._decode(record)
+        found = problems(body)
+        if found:
+            record.errors = [str(p) for p in found]
+            return _error(422, found[0].code, found[0].message)
+        inactive = self._check_account(body)
+        scripted = self._scripted()
+        if scripted is not None:
+            return scripted
         message = MSG_OK
         if inactive:
             message = MSG_SOME_INACTIVE.format(addresses=", ".join(a.lower() for a in inactive))
@@ -554,4 +391,4 @@ class FakePostmark:
             "ErrorCode": 0,
             "Message": message,
         }
-        return _Answer(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
+        return Answer.of(200, answer)

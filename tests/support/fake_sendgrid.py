@@ -1,9 +1,9 @@
 """A local fake of SendGrid's v3 Mail Send API (POST /v3/mail/send) for tests.
 
-FakeSendGrid is a real HTTP/1.1 server (http.server.ThreadingHTTPServer on 127.0.0.1,
-a free port, serving from a daemon thread). It checks every request the way SendGrid
-documents it, answers refused requests the way SendGrid does, records every request
-(valid or not) in ``requests``, and collects every reason it refused one in ``errors``.
+FakeSendGrid is a real HTTP/1.1 server on 127.0.0.1 (the harness of
+tests/support/fakehttp.py). It checks every request the way SendGrid documents it,
+answers refused requests the way SendGrid does, records every request (valid or not)
+in ``requests``, and collects every reason it refused one in ``errors``.
 A valid request gets the next answer queued with ``respond_with()``, or by default
 ``202 Accepted`` with an empty body and a fresh ``X-Message-Id`` header.
 
@@ -78,21 +78,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import contextlib
 import copy
 import gzip
 import json
-import threading
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, NamedTuple
 
 from jsonschema import Draft202012Validator
+
+from tests.support import fakehttp
+from tests.support.fakehttp import Answer, FakeHTTP, Refused
 
 SPECS = Path(__file__).resolve().parent.parent / "provider_specs"
 SPEC_PATH = SPECS / "sendgrid_mail_send.openapi.json"
@@ -433,40 +432,22 @@ def validate(body: object) -> list[str]:
 
 
 @dataclass
-class ReceivedRequest:
-    """One request as the fake saw it, and how it answered."""
+class ReceivedRequest(fakehttp.ReceivedRequest):
+    """One request as the fake saw it (raw is b"" when it was too large), and how it
+    answered."""
 
-    method: str
-    path: str
-    headers: dict[str, str]  # names lower-cased
-    raw: bytes  # the body as received (before any gzip decoding)
     body: Any = None  # the parsed JSON body, None when it was not JSON
-    errors: list[str] = field(default_factory=list)  # why it was refused; [] if valid
-    status: int = 0
-    response_headers: dict[str, str] = field(default_factory=dict)
-    response_body: bytes = b""
-
-    @property
-    def valid(self) -> bool:
-        return not self.errors
-
-    @property
-    def accepted(self) -> bool:
-        """Valid, and answered with a 2xx status."""
-        return self.valid and 200 <= self.status < 300
-
-
-class _Answer(NamedTuple):
-    status: int
-    body: bytes
-    headers: dict[str, str]
 
 
 def _errors_answer(
     status: int, found: list[Problem], headers: Mapping[str, str] | None = None
-) -> _Answer:
-    body = json.dumps({"errors": [p.as_json() for p in found]}).encode()
-    return _Answer(status, body, {"Content-Type": "application/json", **(headers or {})})
+) -> Answer:
+    return Answer.of(status, {"errors": [p.as_json() for p in found]}, headers)
+
+
+def _refused(status: int, message: str, headers: Mapping[str, str] | None = None) -> Refused:
+    """A request SendGrid refuses before it reads the body's fields."""
+    return Refused(_errors_answer(status, [Problem(None, message)], headers), message)
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -478,225 +459,71 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class _Refused(Exception):
-    """A request SendGrid refuses before it reads the body's fields."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-
 def _decode_json(headers: Mapping[str, str], raw: bytes | None) -> Any:
-    """The parsed JSON body, or _Refused as SendGrid would answer (size, type, encoding)."""
+    """The parsed JSON body, or Refused as SendGrid would answer (size, type, encoding)."""
     if raw is None:
-        raise _Refused(413, MSG_TOO_LARGE)
+        raise _refused(413, MSG_TOO_LARGE)
     media_type, _, params = headers.get("content-type", "").partition(";")
     charset = params.strip().lower().removeprefix("charset=").strip('"')
     if media_type.strip().lower() != "application/json" or charset not in ("", "utf-8"):
-        raise _Refused(415, "Content-Type should be application/json (UTF-8).")
+        raise _refused(415, "Content-Type should be application/json (UTF-8).")
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding == "gzip":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as exc:
-            raise _Refused(400, MSG_BAD_REQUEST) from exc
+            raise _refused(400, MSG_BAD_REQUEST) from exc
         if len(raw) >= MAX_BODY_BYTES:
-            raise _Refused(413, MSG_TOO_LARGE)
+            raise _refused(413, MSG_TOO_LARGE)
     elif encoding != "identity":
-        raise _Refused(415, "Content-Encoding must be gzip when given.")
+        raise _refused(415, "Content-Encoding must be gzip when given.")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Refused(415, MSG_INVALID_UTF8) from exc
+        raise _refused(415, MSG_INVALID_UTF8) from exc
     try:
         return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except ValueError as exc:
-        raise _Refused(400, MSG_BAD_REQUEST) from exc
+        raise _refused(400, MSG_BAD_REQUEST) from exc
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeSendGrid
+class FakeSendGrid(FakeHTTP[ReceivedRequest]):
+    """SendGrid's POST /v3/mail/send on 127.0.0.1, checking requests as SendGrid does.
 
+    Answers queued with respond_with() are sent as given (no X-Message-Id is added).
+    """
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects
     server_version = "FakeSendGrid/1"
-    timeout = 30  # an idle keep-alive connection's thread ends after this
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass  # quiet: requests are recorded instead
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    do_GET = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_POST  # noqa: N815
-
-    def _read_body(self) -> bytes | None:
-        """The request body, or None when it is larger than SendGrid takes.
-
-        The whole body is read even then, so the client can read the answer.
-        """
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
-            while length := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                chunks.append(self.rfile.read(length))
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            data = b"".join(chunks)
-        else:
-            data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        return None if len(data) >= MAX_BODY_BYTES else data
-
-    def _handle(self) -> None:
-        fake = self.server.fake
-        raw = self._read_body()
-        record = ReceivedRequest(
-            method=self.command,
-            path=self.path,
-            headers={k.lower(): v for k, v in self.headers.items()},
-            raw=raw or b"",
-        )
-        answer = fake._answer(record, raw)
-        record.status = answer.status
-        record.response_headers = dict(answer.headers)
-        record.response_body = answer.body
-        fake._record(record)
-        self.send_response(answer.status)
-        for key, value in answer.headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(answer.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(answer.body)
-
-
-class FakeSendGrid:
-    """SendGrid's POST /v3/mail/send on 127.0.0.1, checking requests as SendGrid does."""
 
     def __init__(self, api_key: str = "SG.test") -> None:
+        super().__init__(ReceivedRequest)
         self.api_key = api_key
-        self.requests: list[ReceivedRequest] = []
-        self.errors: list[str] = []  # every reason any request was refused, in order
-        self._answers: collections.deque[_Answer] = collections.deque()
-        self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # lifecycle
-
-    def start(self) -> FakeSendGrid:
-        server = _Server(("127.0.0.1", 0), _Handler)
-        server.fake = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeSendGrid:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """The base URL, http://127.0.0.1:PORT (still known after stop())."""
-        if self._server is None:
-            raise RuntimeError("FakeSendGrid is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    # scripting
-
-    def respond_with(
-        self,
-        status: int,
-        body: object = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Queue the answer to the next valid request (answers are used in order).
-
-        body: a dict or list is sent as JSON, str as UTF-8 text, bytes as they are,
-        None as an empty body. Headers are sent as given (no X-Message-Id is added).
-        """
-        out_headers = dict(headers or {})
-        if isinstance(body, (dict, list)):
-            data = json.dumps(body).encode()
-            out_headers.setdefault("Content-Type", "application/json")
-        elif isinstance(body, str):
-            data = body.encode()
-            out_headers.setdefault("Content-Type", "text/plain; charset=utf-8")
-        elif isinstance(body, bytes):
-            data = body
-        elif body is None:
-            data = b""
-        else:
-            raise TypeError(f"cannot send a {type(body).__name__} body")
-        with self._lock:
-            self._answers.append(_Answer(status, data, out_headers))
-
-    @property
-    def accepted(self) -> list[ReceivedRequest]:
-        """The requests that were valid and answered 2xx."""
-        with self._lock:
-            return [r for r in self.requests if r.accepted]
-
-    # request handling (called from the server's threads)
-
-    def _record(self, record: ReceivedRequest) -> None:
-        with self._lock:
-            self.requests.append(record)
-            self.errors.extend(record.errors)
-
-    def _next_answer(self) -> _Answer:
-        with self._lock:
-            if self._answers:
-                return self._answers.popleft()
-        return _Answer(202, b"", {"X-Message-Id": uuid.uuid4().hex})
 
     def _check_route_and_auth(self, record: ReceivedRequest) -> None:
         if record.path.split("?", 1)[0] != PATH:
-            raise _Refused(404, MSG_NOT_FOUND)
+            raise _refused(404, MSG_NOT_FOUND)
         if record.method != "POST":
-            raise _Refused(405, MSG_METHOD_NOT_ALLOWED, {"Allow": "POST"})
+            raise _refused(405, MSG_METHOD_NOT_ALLOWED, {"Allow": "POST"})
         scheme, _, token = record.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _Refused(401, MSG_AUTH_MISSING)
+            raise _refused(401, MSG_AUTH_MISSING)
         if token.strip() != self.api_key:
-            raise _Refused(401, MSG_AUTH_INVALID)
+            raise _refused(401, MSG_AUTH_INVALID)
 
-    def _answer(self, record: ReceivedRequest, raw: bytes | None) -> _Answer:
+    def _answer(self, record: ReceivedRequest) -> Answer:
+        # a body as large as SendGrid refuses is read (so the client gets the answer)
+        # but not kept
+        raw = None if len(record.raw) >= MAX_BODY_BYTES else record.raw
+        record.raw = raw or b""
         try:
             self._check_route_and_auth(record)
             record.body = _decode_json(record.headers, raw)
-        except _Refused as refused:
+        except Refused:
             with contextlib.suppress(ValueError):  # still record what was sent
                 record.body = json.loads(raw or b"")
-            found = [Problem(None, refused.message)]
-            record.errors = [str(p) for p in found]
-            return _errors_answer(refused.status, found, refused.headers)
+            raise
         found = problems(record.body)
         if found:
             record.errors = [str(p) for p in found]
             return _errors_answer(400, found)
-        return self._next_answer()
+        return self._scripted() or Answer(202, b"", {"X-Message-Id": uuid.uuid4().hex})

@@ -22,7 +22,8 @@ What it offers:
     every open one from the server side (as a server's idle timeout would).
 
 `silent_server()` is a listening socket that never answers (the kernel completes the
-TCP handshake, nobody reads), and `refused_port()` a port where nothing listens.
+TCP handshake, nobody reads); tests/support/net.py's `closed_port()` is a port where
+nothing listens.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -45,6 +45,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.support.lifecycle import Closing
 
 HOST = "127.0.0.1"
 HOSTNAME = "fake-smtp.test"
@@ -168,7 +170,7 @@ class _Handler:
         return f"250 2.0.0 Ok: queued as Q{len(self.server.received):04d}"
 
 
-class FakeSmtp:
+class FakeSmtp(Closing):
     def __init__(
         self,
         directory: Path,
@@ -305,17 +307,6 @@ class FakeSmtp:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 
-    def __enter__(self) -> FakeSmtp:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 @contextlib.contextmanager
 def silent_server() -> Iterator[int]:
@@ -324,10 +315,3 @@ def silent_server() -> Iterator[int]:
         sock.bind((HOST, 0))
         sock.listen(16)
         yield sock.getsockname()[1]
-
-
-def refused_port() -> int:
-    """A port on 127.0.0.1 where nothing listens (connecting is refused)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])

@@ -11,17 +11,13 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
+from tests.support.lifecycle import Closing
+from tests.support.net import closed_port
+
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def redis_binary() -> str:
@@ -42,7 +38,7 @@ class RedisProcess:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.port = free_port()
+        self.port = closed_port()  # free: nothing listens there yet
         self.url = f"redis://{HOST}:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -86,7 +82,7 @@ class RedisProcess:
         self.kill()
 
 
-class TcpProxy:
+class TcpProxy(Closing):
     """127.0.0.1:port -> target, forwarding bytes both ways from threads. A target host
     that is a directory is PostgreSQL's Unix socket directory (the embedded server)."""
 
@@ -167,14 +163,3 @@ class TcpProxy:
         self._closed = True
         self.down()
         self._listener.close()
-
-    def __enter__(self) -> TcpProxy:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -12,11 +12,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from tests.support.cli import command
 
 _SMTP = re.compile(r"SMTP listening on (\S+):(\d+)")
 _HEALTH = re.compile(r"health endpoint on http://(\S+):(\d+)/")
@@ -55,7 +56,7 @@ class SmtpProxyProcess:
         full_env = {**os.environ, **(env or {})}
         full_env.pop("SMTPPROXY_CONFIG", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smtpproxy", "--config", str(config), "run"],
+            command(config, "run"),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,

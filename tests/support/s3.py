@@ -10,78 +10,29 @@ nothing reaches a real AWS endpoint. Each ``new_bucket()`` is a fresh, empty buc
 
 from __future__ import annotations
 
-import itertools
-import secrets
-from types import TracebackType
 from typing import Any
 
-import boto3
-import botocore.config
-from moto.server import ThreadedMotoServer
-
-REGION = "us-east-1"
-ACCESS_KEY = "testing"
-SECRET_KEY = "testing"  # moto accepts any credentials
+from tests.support.aws import ACCESS_KEY, REGION, SECRET_KEY, MotoServer
 
 
-class MotoS3:
+class MotoS3(MotoServer):
     """moto's S3 in server mode; start() / stop(), or use it as a context manager."""
 
-    def __init__(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._names = itertools.count()
-        self._run = secrets.token_hex(3)
-        self.endpoint = ""
-        self._client: Any = None
-
-    def start(self) -> MotoS3:
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.endpoint = f"http://{host}:{port}"
-        self._client = self.client()
-        return self
-
-    def stop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        self._server.stop()
-
-    def __enter__(self) -> MotoS3:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    service = "s3"
 
     @property
     def credentials(self) -> dict[str, str]:
         """S3Store keyword arguments: region and the dummy key pair."""
         return {"region": REGION, "access_key_id": ACCESS_KEY, "secret_access_key": SECRET_KEY}
 
-    def client(self) -> Any:
-        """A fresh boto3 S3 client for the server (the caller closes it)."""
-        return boto3.session.Session(
-            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION
-        ).client(
-            "s3",
-            endpoint_url=self.endpoint,
-            config=botocore.config.Config(retries={"mode": "standard", "max_attempts": 1}),
-        )
-
     @property
     def s3(self) -> Any:
         """The shared client for setting up and inspecting buckets."""
-        assert self._client is not None, "MotoS3 is not started"
-        return self._client
+        return self.shared
 
     def new_bucket(self) -> str:
         """Create an empty bucket with a name no other test uses; return the name."""
-        name = f"test-{self._run}-{next(self._names)}"
+        name = self.unique_name("test-")
         self.s3.create_bucket(Bucket=name)
         return name
 

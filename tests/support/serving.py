@@ -1,0 +1,77 @@
+"""smtpproxy's service running inside a test: starting it, asking its health endpoint, and
+waiting for what it does to a message (as the messages table shows it)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg.rows
+import trio
+
+from smtpproxy import admin
+from smtpproxy.config import Config
+from smtpproxy.service import Running, serve
+
+
+async def start(nursery: trio.Nursery, cfg: Config) -> tuple[Running, trio.Event]:
+    """serve(cfg) in the test's nursery, ready within a minute; set the event to stop it."""
+    stop = trio.Event()
+    with trio.fail_after(60):
+        running: Running = await nursery.start(serve, cfg, stop)
+    return running, stop
+
+
+def get_json(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
+    """(status, parsed JSON body) of a request to the health listener on 127.0.0.1:port,
+    error statuses included."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def readiness(port: int) -> tuple[int, dict[str, Any]]:
+    """(status, body) of GET /readyz."""
+    return get_json(port, "/readyz")
+
+
+def message_row(pg_url: str, mid: str) -> dict[str, Any] | None:
+    """The message's row in the messages table, None when there is none."""
+    with psycopg.connect(pg_url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute("SELECT * FROM messages WHERE id = %s", (mid,)).fetchone()
+
+
+async def wait_status(
+    pg_url: str, mid: str, *statuses: str, timeout: float = 20, interval: float = 0.05
+) -> dict[str, Any]:
+    """Poll until the message reaches one of statuses; returns its row."""
+    with trio.fail_after(timeout):
+        while True:
+            row = message_row(pg_url, mid)
+            if row is not None and row["status"] in statuses:
+                return row
+            await trio.sleep(interval)
+
+
+def add_file_provider(
+    conn: psycopg.Connection[Any], name: str, path: Path, **settings: Any
+) -> None:
+    """A file provider of tenant acme that writes into path."""
+    admin.add_provider(
+        conn,
+        "acme",
+        name,
+        "file",
+        endpoint=None,
+        settings={"path": str(path), **settings},
+        secret=None,
+        encrypt=None,
+    )
