@@ -109,7 +109,12 @@ class Committer:
             return [replies.TEMPFAIL_STORAGE] * len(subs)
         params = [*row_columns(subs), self._duplicate_window]
         try:
-            rows = await res.db.run(lambda conn: conn.execute(Q.insert_messages, params).fetchall())
+            # Planned afresh each time, never prepared: a generic plan made while the table
+            # was small keeps a sequential scan for the duplicate lookup, and ingest then
+            # slows down as messages accumulate (measured: 2,100 -> 650 msgs/s at 20,000).
+            rows = await res.db.run(
+                lambda conn: conn.execute(Q.insert_messages, params, prepare=False).fetchall()
+            )
         except (DatabaseUnavailable, psycopg.Error) as exc:
             logger.error("database insert failed; {} messages answered 451: {}", len(subs), exc)
             await self._remove_bodies(keys)

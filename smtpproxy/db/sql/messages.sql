@@ -17,7 +17,7 @@ dups AS (
     JOIN messages m ON m.account_id = i.account_id
                    AND m.header_message_id = i.header_message_id
                    AND m.sha256 = i.sha256
-    WHERE i.header_message_id <> ''
+    WHERE i.header_message_id <> '' AND m.header_message_id <> ''
       AND m.created_at > now() - make_interval(secs => %s)
       AND m.status <> 'enqueue_failed' AND m.parent_id IS NULL
     ORDER BY i.id, m.created_at
