@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 from typing import Any
 
 import psycopg
@@ -109,6 +110,35 @@ async def test_auth_needs_tls_and_mail_needs_auth(
     assert not offered
     assert auth[0] == 538
     assert mail[0] == 530
+
+
+async def test_starttls_discards_injected_plaintext_and_cannot_repeat(
+    service: Service, account: dict[str, Any]
+) -> None:
+    """Commands pipelined in plaintext after STARTTLS are discarded, not run inside the
+    TLS session (STARTTLS command injection); the session after the handshake starts
+    fresh; a second STARTTLS is refused."""
+
+    def talk() -> tuple[bytes, list[bytes]]:
+        with socket.create_connection(("127.0.0.1", service.smtp_port), timeout=10) as raw:
+            plain = raw.makefile("rb")
+            plain.readline()  # greeting
+            raw.sendall(b"EHLO client.example\r\n")
+            while plain.readline()[3:4] == b"-":
+                pass
+            raw.sendall(b"STARTTLS\r\nRSET\r\n")  # RSET injected before the handshake
+            ready = plain.readline()
+            with smtp.insecure_context().wrap_socket(raw) as tls:
+                secure = tls.makefile("rb")
+                tls.sendall(b"NOOP\r\nSTARTTLS\r\n")
+                replies = [secure.readline(), secure.readline()]
+                return ready, replies
+
+    with trio.fail_after(20):
+        ready, (first, second) = await run(talk)
+    assert ready.startswith(b"220 ")
+    assert first.startswith(b"250 ")  # the NOOP's reply: no reply to the injected RSET
+    assert second.startswith(b"554 5.5.1")
 
 
 async def test_sender_domain_must_be_allowed(service: Service, account: dict[str, Any]) -> None:
