@@ -22,10 +22,11 @@ def register(app: typer.Typer) -> None:
         """
         import trio
 
-        from smtpproxy import logsetup
+        from smtpproxy import logsetup, memory
         from smtpproxy.service import run_until_signalled
 
         cfg = config(ctx)
+        memory.pin_mmap_threshold()  # before any thread starts
         logsetup.configure(cfg)
         trio.run(run_until_signalled, cfg)
 
