@@ -25,6 +25,16 @@ fmt:
 bench *args:
     uv run python -m tests.bench.ingest "$@"
 
+# every ingest figure the README quotes, one after another (about 5 minutes; run it on an
+# otherwise idle machine; the Postfix comparison needs the postfix package and root)
+bench-report:
+    uv run python -m tests.bench.ingest --compare-postfix
+    uv run python -m tests.bench.ingest --target postfix --generator smtp-source
+    uv run python -m tests.bench.ingest --rate 750 --messages 15000
+    uv run python -m tests.bench.ingest --new-connection --tls --messages 4000
+    uv run python -m tests.bench.ingest --idle 1000
+    uv run python -m tests.bench.ingest --idle 1000 --tls
+
 # what CI runs
 ci:
     .ci/run

@@ -1,0 +1,279 @@
+"""What the ingest benchmark loads: a throwaway smtpproxy, or a private Postfix instance.
+
+Both bind 127.0.0.1 on a free port, keep their state in a temporary directory (and,
+for smtpproxy, its own database and Redis key prefix), and remove everything on close.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import redis
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent by everything on the machine (all cores), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size: shared pages split between the processes sharing them, so
+    the sum over a process tree is what it really occupies."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SmtpProxyInstance:
+    """`smtpproxy run` with its own database, key prefix and data directory; delivery
+    off unless `deliver`, so only ingest is measured."""
+
+    name = "smtpproxy"
+
+    def __init__(
+        self,
+        admin_url: str,
+        redis_url: str,
+        *,
+        tls: bool = False,
+        deliver: bool = False,
+        max_connections: int = 1000,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        from smtpproxy import admin
+        from smtpproxy.db import migrate
+        from smtpproxy.passwords import hash_password
+        from tests.support.process import SmtpProxyProcess, write_config
+
+        tag = secrets.token_hex(4)
+        self.admin_url = admin_url
+        self.dbname = f"smtpproxy_bench_{tag}"
+        self.redis_url = redis_url
+        self.prefix = f"smtpproxy-bench-{tag}"
+        self.tmp = tempfile.TemporaryDirectory(prefix="smtpproxy-bench-", dir="/var/tmp")
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.dbname}"')
+        info = psycopg.conninfo.conninfo_to_dict(admin_url)
+        info["dbname"] = self.dbname
+        self.url = psycopg.conninfo.make_conninfo(**info)
+        migrate.migrate(self.url)
+        self.user = "bench"
+        self.password = secrets.token_urlsafe(12)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            admin.add_tenant(conn, "bench")
+            admin.add_account(conn, "bench", "bench", hash_password(self.password), [])
+        config = write_config(
+            Path(self.tmp.name) / "smtpproxy.toml",
+            {
+                "data_dir": str(Path(self.tmp.name) / "data"),
+                "smtp": {
+                    "listen": ["127.0.0.1:0"],
+                    "allow_plaintext_auth": not tls,
+                    "max_connections": max_connections,
+                    "max_connections_per_ip": max_connections,
+                },
+                "database": {"url": self.url, "pool_max": 10},
+                "redis": {"url": redis_url, "key_prefix": self.prefix},
+                "delivery": {"enabled": deliver},
+                "health": {"listen": ""},
+                "log": {"level": "WARNING"},
+            },
+        )
+        # the bench reads the listening port from the log
+        self.proc = SmtpProxyProcess(config, {"SMTPPROXY_LOG_LEVEL": "INFO", **(env or {})})
+        self.proc.wait_ready(60)
+        self.port = self.proc.smtp_port
+        self.pid = self.proc.proc.pid
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.pid)
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.pid)
+
+    def stored(self) -> int:
+        """Messages PostgreSQL holds."""
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute("SELECT count(*) FROM messages").fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self.proc.stop(signal.SIGTERM)
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
+        client = redis.Redis.from_url(self.redis_url)
+        for key in client.scan_iter(f"{self.prefix}*"):
+            client.delete(key)
+        client.close()
+        self.tmp.cleanup()
+
+
+# Postfix as a plain queueing smtpd: clients on 127.0.0.0/8 may relay, every message is
+# put on hold (so no queue manager or delivery runs), no DNS, no per-client limits, no
+# inflow throttling (in_flow_delay waits for a queue manager that is not running here).
+_MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = bench.localdomain
+mydomain = localdomain
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_recipient_restrictions = permit_mynetworks, reject
+smtpd_data_restrictions = check_client_access static:HOLD
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_peername_lookup = no
+in_flow_delay = 0
+maillog_file_prefixes = {root}
+maillog_file = {root}/maillog
+alias_maps =
+alias_database =
+local_recipient_maps =
+biff = no
+"""
+
+_MASTER_CF = """\
+127.0.0.1:{port} inet n - n - {processes} smtpd
+cleanup   unix  n - n - 0 cleanup
+rewrite   unix  - - n - - trivial-rewrite
+anvil     unix  - - n - 1 anvil
+proxymap  unix  - - n - - proxymap
+postlog   unix-dgram n - n - 1 postlogd
+defer     unix  - - n - 0 bounce
+bounce    unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+showq     unix  n - n - - showq
+"""
+
+
+class PostfixUnavailable(RuntimeError):
+    pass
+
+
+class PostfixInstance:
+    """A private Postfix (`postfix -c DIR start`) accepting into its queue on a free
+    loopback port. Needs the Debian package `postfix` and root (Postfix drops to its
+    mail_owner). Leaves the system's own Postfix configuration alone."""
+
+    name = "postfix"
+
+    def __init__(self, processes: int = 200) -> None:
+        if shutil.which("postfix") is None:
+            raise PostfixUnavailable("postfix is not installed (apt-get install postfix)")
+        if os.geteuid() != 0:
+            raise PostfixUnavailable("starting a private Postfix needs root")
+        self.tmp = tempfile.TemporaryDirectory(prefix="smtpproxy-bench-postfix-", dir="/var/tmp")
+        root = Path(self.tmp.name)
+        root.chmod(0o755)  # Postfix's daemons run as its mail_owner
+        self.conf = root / "conf"
+        self.conf.mkdir()
+        (root / "queue").mkdir()
+        (root / "data").mkdir()
+        shutil.chown(root / "data", "postfix")
+        self.port = free_port()
+        (self.conf / "main.cf").write_text(_MAIN_CF.format(root=root))
+        (self.conf / "master.cf").write_text(_MASTER_CF.format(port=self.port, processes=processes))
+        self.hold = root / "queue" / "hold"
+        self._postfix("start")
+        pid_file = root / "queue" / "pid" / "master.pid"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.pid = int(pid_file.read_text().split()[0])
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except (OSError, ValueError, IndexError):
+                if time.monotonic() > deadline:
+                    raise PostfixUnavailable("postfix did not start: " + self._log_tail()) from None
+                time.sleep(0.2)
+
+    def _postfix(self, command: str) -> None:
+        result = subprocess.run(
+            ["postfix", "-c", str(self.conf), command],
+            capture_output=True,
+            text=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        if result.returncode != 0 and command == "start":
+            raise PostfixUnavailable(f"postfix start failed: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        log = Path(self.tmp.name) / "maillog"
+        return log.read_text()[-2000:] if log.exists() else "(no maillog)"
+
+    def cpu_seconds(self) -> float:
+        """The master, everything it reaped, and its live children."""
+        total = _cpu_with_reaped(self.pid)
+        for child in _children(self.pid):
+            total += process_cpu_seconds(child)
+        return total
+
+    def rss_mb(self) -> float:
+        """Memory of the whole process tree (PSS: shared libraries counted once)."""
+        return pss_mb(self.pid) + sum(pss_mb(c) for c in _children(self.pid))
+
+    def stored(self) -> int:
+        """Messages in the hold queue."""
+        return sum(len(files) for _root, _dirs, files in os.walk(self.hold))
+
+    def close(self) -> None:
+        self._postfix("stop")
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{self.pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.tmp.cleanup()
+
+
+def _cpu_with_reaped(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
