@@ -25,13 +25,16 @@ fmt:
 bench *args:
     uv run python -m tests.bench.ingest "$@"
 
-# every ingest figure the README quotes, one after another (about 5 minutes; run it on an
-# otherwise idle machine; the Postfix comparison needs the postfix package and root)
+# every ingest figure the README quotes, one after another (about 25 minutes: each run
+# that writes files waits 5 minutes after the previous one deleted its own, see
+# tests/bench/targets.py; run it on an otherwise idle machine; the Postfix runs need the
+# postfix package and root)
 bench-report:
-    uv run python -m tests.bench.ingest --compare-postfix
-    uv run python -m tests.bench.ingest --target postfix --generator smtp-source
-    uv run python -m tests.bench.ingest --rate 750 --messages 15000
-    uv run python -m tests.bench.ingest --new-connection --tls --messages 4000
+    uv run python -m tests.bench.ingest --at-rest
+    uv run python -m tests.bench.ingest --at-rest --target postfix
+    uv run python -m tests.bench.ingest --at-rest --target postfix --generator smtp-source
+    uv run python -m tests.bench.ingest --at-rest --rate 750 --messages 15000
+    uv run python -m tests.bench.ingest --at-rest --new-connection --tls --messages 4000
     uv run python -m tests.bench.ingest --idle 1000
     uv run python -m tests.bench.ingest --idle 1000 --tls
 

@@ -35,10 +35,12 @@ from typing import Any
 
 from tests.bench.smtpload import Target, close_all, hold_idle, load
 from tests.bench.targets import (
+    FS_SETTLE_SECONDS,
     PostfixInstance,
     PostfixUnavailable,
     SmtpProxyInstance,
     machine_busy_seconds,
+    seconds_since_cleanup,
 )
 
 Instance = SmtpProxyInstance | PostfixInstance
@@ -96,8 +98,26 @@ def run_smtp_source(port: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def settle_filesystem(wait: bool) -> None:
+    """Wait out, or warn about, ext4's slow allocation after the last run's deletions."""
+    since = seconds_since_cleanup()
+    if since is None or since >= FS_SETTLE_SECONDS:
+        return
+    left = FS_SETTLE_SECONDS - since
+    if wait:
+        print(f"  waiting {left:.0f} s for the filesystem to settle after the last run", flush=True)
+        time.sleep(left)
+    else:
+        print(
+            f"  note: a benchmark deleted its files {since:.0f} s ago; ext4 creates files more"
+            f" slowly for {FS_SETTLE_SECONDS} s after that (--at-rest waits)",
+            flush=True,
+        )
+
+
 def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     """Start a target, load it, stop it; returns the figures."""
+    settle_filesystem(args.at_rest)
     inst = start(kind, args)
     try:
         cpu0, busy0 = inst.cpu_seconds(), machine_busy_seconds()
@@ -191,6 +211,11 @@ def main() -> None:
     p.add_argument("--generator", choices=["python", "smtp-source"], default="python")
     p.add_argument("--compare-postfix", action="store_true", help="then Postfix; the ratio")
     p.add_argument("--idle", type=int, default=0, help="hold N idle sessions; report memory")
+    p.add_argument(
+        "--at-rest",
+        action="store_true",
+        help=f"wait until {FS_SETTLE_SECONDS} s after a benchmark last deleted its files",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="load a running instance instead")
     p.add_argument("--user", default="bench")

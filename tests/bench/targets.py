@@ -19,6 +19,25 @@ from pathlib import Path
 import psycopg
 import redis
 
+# ext4 skips recently deleted inodes when it allocates new ones, for up to 5 minutes
+# after the deletion (spike/REPORT.md, Q3): straight after a run removed its 20,000
+# files, the next run's file creations cost several times more and ingest measured
+# ~15% lower (1,231 against 1,429 msgs/s at rest). Each target notes when it cleaned up.
+LAST_CLEANUP = Path("/var/tmp/smtpproxy-bench-last-cleanup")
+FS_SETTLE_SECONDS = 300
+
+
+def note_cleanup() -> None:
+    LAST_CLEANUP.write_text(f"{time.time()}\n")
+
+
+def seconds_since_cleanup() -> float | None:
+    """Seconds since a benchmark target last deleted its files, None if never."""
+    try:
+        return time.time() - float(LAST_CLEANUP.read_text())
+    except (OSError, ValueError):
+        return None
+
 
 def machine_busy_seconds() -> float:
     """CPU time spent by everything on the machine (all cores), from /proc/stat."""
@@ -136,6 +155,7 @@ class SmtpProxyInstance:
             client.delete(key)
         client.close()
         self.tmp.cleanup()
+        note_cleanup()
 
 
 # Postfix as a plain queueing smtpd: clients on 127.0.0.0/8 may relay, every message is
@@ -258,6 +278,7 @@ class PostfixInstance:
         while Path(f"/proc/{self.pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         self.tmp.cleanup()
+        note_cleanup()
 
 
 def _cpu_with_reaped(pid: int) -> float:
