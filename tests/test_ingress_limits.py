@@ -213,6 +213,20 @@ async def test_password_change_and_networks_apply_at_once(
     assert inside[0] == 235
 
 
+def pipelined_transaction(port: int, password: str) -> tuple[int, bytes]:
+    """MAIL, RCPT and DATA sent in one go (PIPELINING); the first reply."""
+    client = smtp.connect(port)
+    try:
+        smtp.login(client, "app", password)
+        client.send("MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+        return client.getreply()
+    except smtplib.SMTPServerDisconnected:
+        return 0, b"disconnected"
+    finally:
+        with contextlib.suppress(OSError):
+            client.close()
+
+
 def transaction(
     port: int, password: str, mail_from: str = "alice@example.com", data: bytes | None = None
 ) -> tuple[int, bytes]:
@@ -249,9 +263,12 @@ async def test_account_rate_limit(
     port = running.smtp[0][1]
     with trio.fail_after(60):
         results = [await run(lambda: transaction(port, PASSWORD)) for _ in range(3)]
+        grouped = await run(lambda: pipelined_transaction(port, PASSWORD))
     stop.set()
     assert [r[0] for r in results] == [250, 250, 421]
     assert b"4.7.0" in results[2][1] and b"try again in" in results[2][1]
+    # a client pipelining MAIL, RCPT and DATA gets the 421 too, before the close
+    assert grouped[0] == 421 and b"4.7.0" in grouped[1]
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(f"{key_prefix}:rate:*"))
     client.close()

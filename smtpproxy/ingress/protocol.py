@@ -273,12 +273,17 @@ class RelaySMTP(SMTP):
         await self._send(line)
 
     async def _send(self, status: str | bytes) -> None:
-        """Write one reply line. Replies to MAIL, RCPT and RSET are held while the client
-        has already sent the next command of its pipelined group (RFC 2920 3.1 lets a
-        server answer a group at once), so a message costs two writes, not four."""
+        """Write one reply line. A 250 to MAIL, RCPT or RSET is held while the client has
+        already sent the next command of its pipelined group (RFC 2920 3.1 lets a server
+        answer a group at once), so a message costs two writes, not four. Any other
+        reply (a 421 that closes the session, say) goes out at once, after held ones."""
         if isinstance(status, str):
             status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
-        if self._command in _GROUPED and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+        if (
+            status.startswith(b"250 ")
+            and self._command in _GROUPED
+            and b"\n" in self._reader._buffer  # type: ignore[attr-defined]
+        ):
             self._held += status + b"\r\n"
             return
         if self._held:
