@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
+from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -162,9 +163,9 @@ class FakeHTTP(StartStop, Generic[R]):
 
     # request handling (called from the server's threads)
 
+    @abstractmethod
     def _answer(self, record: R) -> Answer:
         """Check the request (filling in the record) and decide its answer."""
-        raise NotImplementedError
 
     def _scripted(self) -> Answer | None:
         """The next answer queued with respond_with(), None when there is none."""

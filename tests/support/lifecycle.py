@@ -1,19 +1,21 @@
-"""The context-manager protocol of the local servers tests start (fakehttp, aws)."""
+"""The context-manager protocol of the local servers tests start (fakehttp, aws,
+fake_smtp, faults)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
 
-class StartStop:
+class StartStop(ABC):
     """`with X() as x:` is x = X().start() ... x.stop()."""
 
-    def start(self) -> Self:
-        raise NotImplementedError
+    @abstractmethod
+    def start(self) -> Self: ...
 
-    def stop(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def stop(self) -> None: ...
 
     def __enter__(self) -> Self:
         return self.start()
@@ -27,19 +29,14 @@ class StartStop:
         self.stop()
 
 
-class Closing:
+class Closing(StartStop):
     """For servers that start in __init__: `with X() as x:` closes x on the way out."""
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
 
-    def __enter__(self) -> Self:
+    def start(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.close()
