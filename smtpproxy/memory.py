@@ -12,7 +12,8 @@ adjustment off. Other C libraries need nothing, and get nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+
+from smtpproxy.libc import libc
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
@@ -20,12 +21,8 @@ MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
 
 def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold; True when it was set (False off glibc)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc: musl and others have no mallopt
+    mallopt = getattr(libc, "mallopt", None)  # musl and others have none
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

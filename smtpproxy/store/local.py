@@ -9,7 +9,6 @@ directory, when storage.sync = "fsync"). ARCHITECTURE.md measured the batch sync
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import secrets
@@ -18,12 +17,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from smtpproxy.errors import BodyNotFound, StoreUnavailable
+from smtpproxy.libc import libc
 from smtpproxy.store.base import QUARANTINE, StoredObject
 
 _TMP_MARK = ".tmp-"
 _MODE = 0o640
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_HAS_SYNCFS = hasattr(_libc, "syncfs")
+_HAS_SYNCFS = hasattr(libc, "syncfs")
 
 
 def _unavailable(action: str, exc: OSError) -> StoreUnavailable:
@@ -112,7 +111,7 @@ class LocalStore:
     def _syncfs(self) -> None:
         fd = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if _libc.syncfs(fd) != 0:
+            if libc.syncfs(fd) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
         finally:
