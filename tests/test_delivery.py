@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,13 @@ import trio
 
 from smtpproxy import admin, fsck
 from smtpproxy.config import Config
+from smtpproxy.queue.liveness import ConsumerRegistry
 from smtpproxy.resources import open_resources
 from smtpproxy.service import Running
+from smtpproxy.store import key_for
 from tests.conftest import make_config
 from tests.support import smtp
-from tests.support.serving import add_file_provider, start, wait_status
+from tests.support.serving import add_file_provider, message_row, start, wait_status
 
 run = trio.to_thread.run_sync
 
@@ -285,3 +288,63 @@ async def test_reconciler_rebuilds_lost_stream_entries(
         for _, f in stream_entries(redis_url, key)
     )
     assert ids == ["01LOSTENTRY000000000000000", "01ONSTREAM0000000000000000"]
+
+
+async def test_a_live_consumers_claim_is_not_taken_over(
+    account: dict[str, Any],
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    """A message left in `sending` long past the visibility timeout is not claimed and
+    sent again while the consumer holding it still beats in the liveness registry (it may
+    be waiting for PostgreSQL to record the outcome); once that consumer has left, the
+    message is taken over and delivered once."""
+    cfg = make_config(
+        tmp_path,
+        pg_url,
+        redis_url,
+        key_prefix,
+        delivery={
+            "default_route": "outbox",
+            "visibility_timeout": "1s",
+            "reconcile_interval": "200ms",
+            "reconcile_grace": "1s",
+        },
+    )
+    mid, owner = "01HELDELSEWHERE00000000000", "elsewhere-1-abcdef-0"
+    body = smtp.message()
+    res = open_resources(cfg)
+    try:
+        res.store.put(key_for(mid), body)
+    finally:
+        res.close()
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(
+            "INSERT INTO messages (id, tenant_id, account_id, mail_from, rcpt_to, size, sha256,"
+            " storage_key, status, attempts, claimed_by, claimed_at)"
+            " SELECT %s, tenant_id, id, 'alice@example.com', ARRAY['bob@example.org'], %s, %s,"
+            " %s, 'sending', 1, %s, now() - interval '1 hour' FROM accounts WHERE id = %s",
+            (mid, len(body), hashlib.sha256(body).hexdigest(), key_for(mid), owner, account["id"]),
+        )
+    client = redis.Redis.from_url(redis_url)
+    registry = ConsumerRegistry(client, key_prefix)
+    registry.beat(owner, lifetime=600)
+    client.set(registry.since_key, "1")  # the registry has been up for a long time
+    xadd(redis_url, key_prefix, mid, account)
+    _, stop = await start(nursery, cfg)
+    await trio.sleep(3)  # read, reclaimed, re-enqueued by the reconciler: many chances
+    held = message_row(pg_url, mid)
+    assert held is not None
+    assert (held["status"], held["claimed_by"]) == ("sending", owner)
+    assert not (tmp_path / "outbox" / f"{mid}.eml").exists()
+    registry.leave(owner)
+    client.close()
+    row = await wait_status(pg_url, mid, "delivered")
+    stop.set()
+    assert (tmp_path / "outbox" / f"{mid}.eml").read_bytes() == body
+    assert row["attempts"] == 2
+    assert [e["status"] for e in logs(pg_url, mid)] == ["delivered"]

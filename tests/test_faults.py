@@ -103,6 +103,22 @@ async def wait_delivered(fake: FakeSendGrid, ids: set[str], timeout: float = 30)
             await trio.sleep(0.1)
 
 
+@pytest.fixture
+def pg_proxy(pg_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """PostgreSQL through a proxy the test can cut: (the proxy, a URL through it)."""
+    info = psycopg.conninfo.conninfo_to_dict(pg_url)
+    with TcpProxy(str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)) as proxy:
+        yield proxy, psycopg.conninfo.make_conninfo(pg_url, host="127.0.0.1", port=str(proxy.port))
+
+
+async def start_through(
+    nursery: trio.Nursery, tmp_path: Path, via_proxy: str, redis_url: str, prefix: str
+) -> tuple[Running, trio.Event]:
+    """The service on PostgreSQL through pg_proxy, quick to notice it is gone."""
+    database = {"url": via_proxy, "connect_timeout": "1s", "pool_min": 1, "pool_max": 4}
+    return await start(nursery, tmp_path, via_proxy, redis_url, prefix, database=database)
+
+
 async def start(
     nursery: trio.Nursery, tmp_path: Path, pg_url: str, redis_url: str, prefix: str, **sections: Any
 ) -> tuple[Running, trio.Event]:
@@ -174,7 +190,7 @@ async def test_redis_restarted_empty_loses_nothing(
 
 async def test_postgresql_outage_means_451_then_recovery(
     tmp_path: Path,
-    pg_url: str,
+    pg_proxy: tuple[TcpProxy, str],
     redis_url: str,
     key_prefix: str,
     clean: None,
@@ -185,38 +201,73 @@ async def test_postgresql_outage_means_451_then_recovery(
 ) -> None:
     """With PostgreSQL unreachable, ingress answers 451 (after AUTH: 454) and readiness
     names it; when it is back, new connections are made and everything flows again."""
-    info = psycopg.conninfo.conninfo_to_dict(pg_url)
-    with TcpProxy(str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)) as proxy:
-        via_proxy = psycopg.conninfo.make_conninfo(pg_url, host="127.0.0.1", port=str(proxy.port))
-        running, stop = await start(
-            nursery,
-            tmp_path,
-            via_proxy,
-            redis_url,
-            key_prefix,
-            database={"url": via_proxy, "connect_timeout": "1s", "pool_min": 1, "pool_max": 4},
-        )
-        port = running.smtp[0][1]
-        assert running.health is not None
-        first = await run(lambda: try_send(port, account["password"]))
-        await wait_delivered(fake, {first[1]})
-        proxy.down()
-        during = await run(lambda: try_send(port, account["password"]))
-        await trio.sleep(1.1)
-        _, ready = await run(lambda: serving.readiness(running.health[1]))
-        proxy.up()
-        with trio.fail_after(30):
-            while True:
-                after = await run(lambda: try_send(port, account["password"]))
-                if after[0] == "250":
-                    break
-                await trio.sleep(0.5)
-        await wait_delivered(fake, {after[1]})
-        stop.set()
+    proxy, via_proxy = pg_proxy
+    running, stop = await start_through(nursery, tmp_path, via_proxy, redis_url, key_prefix)
+    port = running.smtp[0][1]
+    assert running.health is not None
+    first = await run(lambda: try_send(port, account["password"]))
+    await wait_delivered(fake, {first[1]})
+    proxy.down()
+    during = await run(lambda: try_send(port, account["password"]))
+    await trio.sleep(1.1)
+    _, ready = await run(lambda: serving.readiness(running.health[1]))
+    proxy.up()
+    with trio.fail_after(30):
+        while True:
+            after = await run(lambda: try_send(port, account["password"]))
+            if after[0] == "250":
+                break
+            await trio.sleep(0.5)
+    await wait_delivered(fake, {after[1]})
+    stop.set()
     assert first[0] == "250"
     assert during[0] in ("451", "454")
     assert "postgresql" in ready["failing"]
     assert set(deliveries(fake).values()) == {1}
+
+
+async def test_outage_while_recording_does_not_send_again(
+    tmp_path: Path,
+    pg_url: str,
+    pg_proxy: tuple[TcpProxy, str],
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    routed: None,
+    fake: FakeSendGrid,
+    nursery: trio.Nursery,
+) -> None:
+    """PostgreSQL goes away between the provider's acceptance and our record of it, for
+    longer than the visibility timeout: the stream entry is reclaimed meanwhile, but the
+    message is not claimed and sent again while its consumer is alive and still trying
+    to record the outcome; once the database is back the one delivery is recorded."""
+    proxy, via_proxy = pg_proxy
+    cut = threading.Event()
+
+    def cut_once(record: Any) -> None:
+        if record.accepted and not cut.is_set():
+            cut.set()
+            proxy.down()
+
+    fake.before_reply = cut_once
+    running, stop = await start_through(nursery, tmp_path, via_proxy, redis_url, key_prefix)
+    code, mid = await run(lambda: try_send(running.smtp[0][1], account["password"]))
+    assert code == "250"
+    with trio.fail_after(10):
+        while not cut.is_set():
+            await trio.sleep(0.05)
+    await trio.sleep(3 * 3)  # 3 visibility timeouts: the entry is reclaimed meanwhile
+    proxy.up()
+    await serving.wait_status(pg_url, mid, "delivered", timeout=30)
+    await trio.sleep(2)  # anything that would send it again has had its chance
+    stop.set()
+    assert deliveries(fake) == {mid: 1}
+    with psycopg.connect(pg_url) as c:
+        logged = c.execute(
+            "SELECT status, count(*) FROM delivery_logs WHERE message_id = %s GROUP BY 1", (mid,)
+        ).fetchall()
+    assert logged == [("delivered", 1)]
 
 
 async def test_provider_failing_for_a_while_then_recovering(

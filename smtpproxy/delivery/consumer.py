@@ -9,13 +9,19 @@ Per stream entry (ARCHITECTURE.md invariant 4):
 3. only then acknowledge (XACK + XDEL).
 
 Entries another consumer read but never finished (it died) are reclaimed with
-XAUTOCLAIM after the visibility timeout.
+XAUTOCLAIM after the visibility timeout. A message left in `sending` is claimed again
+only when the consumer holding it has stopped beating in the liveness registry
+(queue/liveness.py), or, for this consumer's own claims, when no task here holds it
+any more: a live consumer that is slow to record an outcome (PostgreSQL is away) must
+not have the message sent a second time under it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import secrets
 import socket
 import time
 from typing import Any
@@ -34,14 +40,17 @@ from smtpproxy.delivery.records import Claimed, Recorder
 from smtpproxy.delivery.retry import RetryPolicy
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
 from smtpproxy.headers import summarize
+from smtpproxy.queue.liveness import ConsumerRegistry, LiveConsumers, heartbeat_timing
 from smtpproxy.queue.streams import Entry, Streams
 from smtpproxy.resources import Resources
 from smtpproxy.store import key_for
 
+_RUN = secrets.token_hex(3)  # two containers can share a hostname and pid 1
+
 
 def consumer_name(index: int) -> str:
-    """Unique per process: host, pid and index."""
-    return f"{socket.gethostname()}-{os.getpid()}-{index}"
+    """Unique per process: host, pid, a per-start token and index."""
+    return f"{socket.gethostname()}-{os.getpid()}-{_RUN}-{index}"
 
 
 class StreamRotation:
@@ -106,6 +115,9 @@ class Consumer:
         self._deliverer = Deliverer(res, directory, pool, self.health, self._recorder)
         self._visibility = cfg.visibility_timeout
         self._slots = trio.Semaphore(cfg.concurrency)
+        self._registry = ConsumerRegistry(res.streams.client, res.cfg.redis.key_prefix)
+        self._live = LiveConsumers()  # until the first heartbeat: nobody else's claims
+        self._holding: set[str] = set()  # message ids a task of ours is working on
         self.in_flight = 0
         self.stopping = False
 
@@ -115,6 +127,7 @@ class Consumer:
         streams = StreamRotation(self._res, self._streams)
         next_reclaim = 0.0
         async with trio.open_nursery() as nursery:
+            await nursery.start(self._heartbeat, log)
             task_status.started()
             while not self.stopping:
                 await self._slots.acquire()
@@ -146,6 +159,27 @@ class Consumer:
             # (returning would make the supervisor restart us)
             await self.wait_idle()
             await trio.sleep_forever()
+
+    async def _heartbeat(
+        self, log: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Beat in the liveness registry while running; leave it when stopped, so what
+        this consumer still holds can be taken over."""
+        interval, lifetime = heartbeat_timing(self._visibility)
+        task_status.started()
+        try:
+            while True:
+                try:
+                    self._live = await self._res.redis_offload(
+                        self._registry.beat, self.name, lifetime
+                    )
+                except QueueUnavailable as exc:
+                    log.warning("liveness heartbeat failed: {}", exc)
+                await trio.sleep(interval)
+        finally:
+            with trio.move_on_after(2) as scope, contextlib.suppress(QueueUnavailable):
+                scope.shield = True  # a failure only means our entry expires on its own
+                await self._res.redis_offload(self._registry.leave, self.name)
 
     async def _reclaim(self, streams: list[str], count: int, log: Any) -> list[Entry]:
         entries: list[Entry] = await self._res.redis_offload(
@@ -183,7 +217,27 @@ class Consumer:
             log.warning("stream entry {} has no message id; dropped", entry.entry_id)
             await self._finish(entry)
             return
-        params = {"id": mid, "consumer": self.name, "visibility": self._visibility}
+        if mid in self._holding:
+            # a second entry for a message a task of ours is working on (reclaimed, or
+            # re-added by the reconciler): that task records the outcome
+            log.debug("already in hand here; duplicate entry acknowledged")
+            await self._finish(entry)
+            return
+        self._holding.add(mid)
+        try:
+            await self._claim_and_deliver(entry, mid, log)
+        finally:
+            self._holding.discard(mid)
+
+    async def _claim_and_deliver(self, entry: Entry, mid: str, log: Any) -> None:
+        live = self._live
+        params = {
+            "id": mid,
+            "consumer": self.name,
+            "visibility": self._visibility,
+            "live": live.others(self.name),
+            "live_complete": live.complete,
+        }
 
         def claim(conn: Any) -> dict[str, Any]:
             with conn.cursor(row_factory=dict_row) as cur:

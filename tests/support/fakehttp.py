@@ -29,7 +29,7 @@ import collections
 import json
 import threading
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Generic, NamedTuple, Self, TypeVar
@@ -113,6 +113,10 @@ class FakeHTTP(StartStop, Generic[R]):
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        # called with each record after its answer is decided, before it is sent: a test
+        # can make something happen between the provider's acceptance and our client
+        # hearing of it
+        self.before_reply: Callable[[R], None] | None = None
 
     # lifecycle
 
@@ -188,6 +192,8 @@ class FakeHTTP(StartStop, Generic[R]):
         record.response_headers = dict(answer.headers)
         record.response_body = answer.body
         self._record(record)
+        if self.before_reply is not None:
+            self.before_reply(record)
         return answer
 
 

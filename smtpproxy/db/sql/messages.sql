@@ -43,15 +43,19 @@ WHERE id = ANY(%(ids)s) AND status = 'queued'
 RETURNING id
 
 -- name: claim_message
--- Compare-and-set to sending. A due queued/retrying row, or a row stuck in sending past
--- the visibility timeout (its consumer died), can be claimed; anything else cannot.
+-- Compare-and-set to sending. A due queued/retrying row can be claimed, and a row stuck
+-- in sending past the visibility timeout whose consumer is gone: our own name when no
+-- task of ours holds it any more (the caller checks), or a name missing from the
+-- complete list of live consumers (queue/liveness.py). Anything else cannot.
 UPDATE messages
 SET status = 'sending', attempts = attempts + 1, claimed_by = %(consumer)s,
     claimed_at = now(), updated_at = now()
 WHERE id = %(id)s
   AND ((status IN ('queued', 'retrying')
         AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
-       OR (status = 'sending' AND claimed_at < now() - make_interval(secs => %(visibility)s)))
+       OR (status = 'sending' AND claimed_at < now() - make_interval(secs => %(visibility)s)
+           AND (claimed_by = %(consumer)s
+                OR (%(live_complete)s AND coalesce(claimed_by, '') <> ALL(%(live)s::text[])))))
 RETURNING id, tenant_id, account_id, mail_from, rcpt_to, storage_key, attempts, created_at,
           size, header_message_id, route_override,
           coalesce(replayed_at, created_at) AS age_from
