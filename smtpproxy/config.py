@@ -134,6 +134,9 @@ class SmtpConfig:
     max_connections: int = 1000
     max_connections_per_ip: int = 100
     allow_plaintext_auth: bool = False
+    # SO_REUSEPORT on the listeners: several `smtpproxy run` processes on one host share
+    # the same ports and the kernel spreads new connections between them
+    reuse_port: bool = False
     timeout: Duration = Duration(300)  # idle: no command or data for this long
     max_session_duration: Duration = Duration(1800)  # a whole session, however busy
     check_header_from: bool = False  # header From must also be in the allowed domains

@@ -14,6 +14,7 @@ import collections
 import random
 import signal
 import smtplib
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -303,12 +304,19 @@ async def test_provider_failing_for_a_while_then_recovering(
     assert delivered == (4,)
 
 
-def process_config(tmp_path: Path, pg_url: str, redis_url: str, prefix: str, name: str) -> Path:
+def process_config(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    prefix: str,
+    name: str,
+    smtp: dict[str, Any] | None = None,
+) -> Path:
     return write_config(
         tmp_path / f"{name}.toml",
         {
             "data_dir": str(tmp_path / "shared-data"),  # one store, as on shared storage
-            "smtp": {"listen": ["127.0.0.1:0"]},
+            "smtp": smtp or {"listen": ["127.0.0.1:0"]},
             "database": {"url": pg_url},
             "redis": {"url": redis_url, "key_prefix": prefix},
             "health": {"listen": "127.0.0.1:0"},
@@ -328,19 +336,22 @@ async def test_two_instances_share_the_queue_without_double_delivery(
     routed: None,
     fake: FakeSendGrid,
 ) -> None:
-    """Two `smtpproxy run` processes on one PostgreSQL and Redis: mail accepted by either
-    is delivered exactly once, and both do deliveries."""
+    """Two `smtpproxy run` processes on one PostgreSQL and Redis, sharing one SMTP port
+    (smtp.reuse_port): the kernel gives sessions to both, mail accepted by either is
+    delivered exactly once, and both do deliveries."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        shared = {"listen": [f"127.0.0.1:{probe.getsockname()[1]}"], "reuse_port": True}
     procs = [
-        SmtpProxyProcess(process_config(tmp_path, pg_url, redis_url, key_prefix, n))
+        SmtpProxyProcess(process_config(tmp_path, pg_url, redis_url, key_prefix, n, shared))
         for n in ("one", "two")
     ]
     try:
         for p in procs:
             await run(p.wait_ready)
-        results = []
-        for i in range(40):
-            port = procs[i % 2].smtp_port
-            results.append(await run(lambda port=port: try_send(port, account["password"])))
+        port = procs[0].smtp_port
+        assert procs[1].smtp_port == port
+        results = [await run(lambda: try_send(port, account["password"])) for _ in range(40)]
         ids = {mid for code, mid in results if code == "250"}
         await wait_delivered(fake, ids)
     finally:
@@ -348,6 +359,8 @@ async def test_two_instances_share_the_queue_without_double_delivery(
     assert codes == [0, 0]
     assert len(ids) == 40
     assert set(deliveries(fake).values()) == {1}
+    sessions = [sum(m == "SMTP session ended" for m in p.messages()) for p in procs]
+    assert sum(sessions) == 40 and all(sessions), sessions
     busy = [sum("delivered in" in m for m in p.messages()) for p in procs]
     assert sum(busy) == 40 and all(busy), busy
 

@@ -74,10 +74,13 @@ class IngressThread:
         loop: asyncio.AbstractEventLoop,
         listeners: list[tuple[Listener, Callable[[], RelaySMTP], ssl.SSLContext | None]],
         gate: Gate,
+        *,
+        reuse_port: bool = False,
     ) -> None:
         self._loop = loop
         self._listeners = listeners
         self._gate = gate
+        self._reuse_port = reuse_port
         self._ready = threading.Event()
         self._error: ListenError | None = None
         self._servers: list[asyncio.Server] = []
@@ -98,7 +101,13 @@ class IngressThread:
             addr = listener.address
             try:
                 server = await self._loop.create_server(
-                    factory, addr.host, addr.port, ssl=ctx, backlog=1024, reuse_address=True
+                    factory,
+                    addr.host,
+                    addr.port,
+                    ssl=ctx,
+                    backlog=1024,
+                    reuse_address=True,
+                    reuse_port=self._reuse_port or None,
                 )
             except OSError as exc:
                 raise ListenError(f"smtp listener {addr}: {exc.strerror or exc}") from None
@@ -217,6 +226,7 @@ async def run_ingress(
                 for ln in listeners
             ],
             gate,
+            reuse_port=smtp.reuse_port,
         )
         bound = await trio.to_thread.run_sync(thread.start)
         for (host, port), ln in zip(bound, listeners, strict=False):

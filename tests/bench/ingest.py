@@ -66,6 +66,7 @@ def start(kind: str, args: argparse.Namespace) -> Instance:
         deliver=args.deliver,
         max_connections=max(1000, args.sessions * 2, args.idle + 100),
         env=dict(item.split("=", 1) for item in args.env),
+        processes=args.processes,
     )
 
 
@@ -207,6 +208,12 @@ def main() -> None:
     p.add_argument("--new-connection", action="store_true", help="one connection per message")
     p.add_argument("--tls", action="store_true", help="STARTTLS before AUTH")
     p.add_argument("--deliver", action="store_true", help="keep delivery consumers running")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="smtpproxy processes sharing the port (smtp.reuse_port)",
+    )
     p.add_argument("--target", choices=["smtpproxy", "postfix"], default="smtpproxy")
     p.add_argument("--generator", choices=["python", "smtp-source"], default="python")
     p.add_argument("--compare-postfix", action="store_true", help="then Postfix; the ratio")

@@ -75,7 +75,8 @@ def free_port() -> int:
 
 class SmtpProxyInstance:
     """`smtpproxy run` with its own database, key prefix and data directory; delivery
-    off unless `deliver`, so only ingest is measured."""
+    off unless `deliver`, so only ingest is measured. With processes > 1, that many
+    `smtpproxy run` processes share one port (smtp.reuse_port)."""
 
     name = "smtpproxy"
 
@@ -88,6 +89,7 @@ class SmtpProxyInstance:
         deliver: bool = False,
         max_connections: int = 1000,
         env: dict[str, str] | None = None,
+        processes: int = 1,
     ) -> None:
         from smtpproxy import admin
         from smtpproxy.db import migrate
@@ -116,7 +118,8 @@ class SmtpProxyInstance:
             {
                 "data_dir": str(Path(self.tmp.name) / "data"),
                 "smtp": {
-                    "listen": ["127.0.0.1:0"],
+                    "listen": [f"127.0.0.1:{free_port() if processes > 1 else 0}"],
+                    "reuse_port": processes > 1,
                     "allow_plaintext_auth": not tls,
                     "max_connections": max_connections,
                     "max_connections_per_ip": max_connections,
@@ -129,16 +132,20 @@ class SmtpProxyInstance:
             },
         )
         # the bench reads the listening port from the log
-        self.proc = SmtpProxyProcess(config, {"SMTPPROXY_LOG_LEVEL": "INFO", **(env or {})})
-        self.proc.wait_ready(60)
-        self.port = self.proc.smtp_port
-        self.pid = self.proc.proc.pid
+        self.procs = [
+            SmtpProxyProcess(config, {"SMTPPROXY_LOG_LEVEL": "INFO", **(env or {})})
+            for _ in range(processes)
+        ]
+        for proc in self.procs:
+            proc.wait_ready(60)
+        self.port = self.procs[0].smtp_port
+        self.pids = [proc.proc.pid for proc in self.procs]
 
     def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.pid)
+        return sum(process_cpu_seconds(pid) for pid in self.pids)
 
     def rss_mb(self) -> float:
-        return rss_mb(self.pid)
+        return sum(rss_mb(pid) for pid in self.pids)
 
     def stored(self) -> int:
         """Messages PostgreSQL holds."""
@@ -147,7 +154,8 @@ class SmtpProxyInstance:
         return int(row[0]) if row else 0
 
     def close(self) -> None:
-        self.proc.stop(signal.SIGTERM)
+        for proc in self.procs:
+            proc.stop(signal.SIGTERM)
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
         client = redis.Redis.from_url(self.redis_url)
