@@ -26,6 +26,7 @@ from smtpproxy.passwords import hash_password
 from smtpproxy.service import Running
 from tests.conftest import PASSWORD, make_config
 from tests.support import serving, smtp
+from tests.support.faults import RedisProcess
 from tests.support.process import SmtpProxyProcess, write_config
 
 run = trio.to_thread.run_sync
@@ -474,3 +475,61 @@ async def test_sighup_reloads_the_certificate_without_dropping_sessions(
     assert (before, after) == ("first.test", "second.test")
     assert still[0] == 250
     assert code == 0
+
+
+async def test_auth_failures_count_across_instances(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    account: dict[str, Any],
+    nursery: trio.Nursery,
+) -> None:
+    """Failed logins are counted in Redis: failures spread over two instances (or two
+    smtp.reuse_port processes) lock the client out of both, as on one."""
+    ports = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        running, _ = await start(
+            nursery,
+            tmp_path / name,
+            pg_url,
+            redis_url,
+            key_prefix,
+            smtp={"auth_max_failures": 3},
+            delivery={"enabled": False},
+        )
+        ports.append(running.smtp[0][1])
+    with trio.fail_after(60):
+        failures = [
+            await run(lambda port=port: login_result(port, "app", "wrong"))
+            for port in (ports[0], ports[1], ports[0])
+        ]
+        after = [await run(lambda port=port: login_result(port, "app", PASSWORD)) for port in ports]
+    assert [code for code, _ in failures] == [535, 535, 421]
+    assert [code for code, _ in after] == [421, 421]
+
+
+async def test_auth_failures_still_counted_without_redis(
+    tmp_path: Path, pg_url: str, key_prefix: str, account: dict[str, Any], nursery: trio.Nursery
+) -> None:
+    """With Redis down the process counts failures itself: guessing is still throttled."""
+    with RedisProcess(tmp_path / "redis") as redis_server:
+        running, stop = await start(
+            nursery,
+            tmp_path,
+            pg_url,
+            redis_server.url,
+            key_prefix,
+            smtp={"auth_max_failures": 3},
+            delivery={"enabled": False},
+            redis={"url": redis_server.url, "key_prefix": key_prefix, "socket_timeout": "1s"},
+        )
+        port = running.smtp[0][1]
+        redis_server.kill()
+        with trio.fail_after(60):
+            failures = [await run(lambda: login_result(port, "app", "wrong")) for _ in range(3)]
+            after = await run(lambda: login_result(port, "app", PASSWORD))
+        stop.set()
+    assert [code for code, _ in failures] == [535, 535, 421]
+    assert after[0] == 421

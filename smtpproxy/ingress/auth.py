@@ -12,10 +12,12 @@ memory (no password is kept), so clients that open one connection per message do
 pay for scrypt each time. The cache is emptied whenever the configuration changes
 (LISTEN/NOTIFY), so a new password or a suspension applies at once.
 
-Failures are counted per client IP and per username (ingress/limits.FailureTracker):
-each is answered more slowly, and past smtp.auth_max_failures the client gets 421 and
-further attempts are refused until the window passes, except that a locked username
-still works from an address it logged in from successfully in the last day.
+Failures are counted per client IP and per username, in Redis so that every instance
+and process sees them (ingress/failures.py), and in memory as the fallback when Redis
+does not answer (ingress/limits.FailureTracker): each is answered more slowly, and past
+smtp.auth_max_failures the client gets 421 and further attempts are refused until the
+window passes, except that a locked username still works from an address it logged in
+from successfully in the last day.
 """
 
 from __future__ import annotations
@@ -24,20 +26,24 @@ import collections
 import hashlib
 import hmac
 import os
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 from loguru import logger
 from psycopg.rows import dict_row
 
 from smtpproxy.db.queries import Q
-from smtpproxy.errors import DatabaseUnavailable
+from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable
 from smtpproxy.ingress import replies
+from smtpproxy.ingress.failures import SharedFailures
 from smtpproxy.ingress.limits import TOO_MANY_FAILURES, FailureTracker, ip_allowed
 from smtpproxy.models import AccountIdentity
 from smtpproxy.passwords import hash_password, verify_password
 from smtpproxy.resources import Resources
 
+T = TypeVar("T")
 _DUMMY_HASH = hash_password("smtpproxy timing equaliser")
 CACHE_SIZE = 10_000
 
@@ -67,6 +73,7 @@ class Authenticator:
         self.tracker = FailureTracker(
             max_failures=smtp.auth_max_failures, window=smtp.auth_failure_window
         )
+        self.shared = SharedFailures(res.redis, res.cfg.redis.key_prefix, self.tracker)
         self.cache_hits = 0
         self._pruned = 0.0
 
@@ -87,7 +94,12 @@ class Authenticator:
         if now - self._pruned > 60:  # forget old failures of clients that went away
             self._pruned = now
             self.tracker.prune(now)
-        if self.tracker.locked(client_ip, username, now):
+        locked = await self._counters(
+            lambda: self.shared.locked(client_ip, username, time.time()),
+            self.tracker.locked(client_ip, username, now),
+            log,
+        )
+        if locked:
             log.warning("AUTH refused: too many recent failures from this client or user")
             return TOO_MANY_FAILURES
         key = self._cache_key(login, password)
@@ -111,7 +123,16 @@ class Authenticator:
         if identity is None:
             return await self._failed(client_ip, username, log)
         self.tracker.succeeded(client_ip, username, now)
+        await self._counters(lambda: self.shared.succeeded(client_ip, username), None, log)
         return identity
+
+    async def _counters(self, shared: Callable[[], T], local: T, log: Any) -> T:
+        """The shared counters' answer; the in-memory one when Redis does not answer."""
+        try:
+            return await self._res.redis_offload(shared)
+        except QueueUnavailable as exc:
+            log.warning("AUTH failure counters unavailable in Redis, using this process's: {}", exc)
+            return local
 
     async def _check(self, username: str, password: bytes, log: Any) -> AccountIdentity | None:
         def lookup(conn: Any) -> dict[str, Any] | None:
@@ -141,9 +162,18 @@ class Authenticator:
 
     async def _failed(self, client_ip: str, username: str, log: Any) -> str | None:
         now = trio.current_time()
-        delay = self.tracker.failed(client_ip, username, now)
+        delay = await self._counters(
+            lambda: self.shared.failed(client_ip, username, time.time()),
+            self.tracker.failed(client_ip, username, now),
+            log,
+        )
         await trio.sleep(delay)  # slows guessing; costs the server nothing
-        if self.tracker.locked(client_ip, username, now):
+        locked = await self._counters(
+            lambda: self.shared.locked(client_ip, username, time.time()),
+            self.tracker.locked(client_ip, username, now),
+            log,
+        )
+        if locked:
             log.warning("AUTH failure limit reached: disconnecting")
             return TOO_MANY_FAILURES
         return None

@@ -116,14 +116,25 @@ class FailureTracker:
         last = self._trusted.get((username, ip))
         return last is not None and now - last <= self.trust_period
 
-    def locked(self, ip: str, username: str, now: float) -> bool:
+    # -- the decisions, also used with counts kept in Redis (ingress/failures.py) ------
+    def is_locked(self, ip_failures: int, user_failures: int, trusted: bool) -> bool:
         """Too many recent failures from this IP, or for this username from an address
         it has not logged in from lately."""
-        if len(self._recent(f"ip:{ip}", now)) >= self.max_failures:
+        if ip_failures >= self.max_failures:
             return True
-        if len(self._recent(f"user:{username}", now)) < self.max_failures:
-            return False
-        return not self._is_trusted(ip, username, now)
+        return user_failures >= self.max_failures and not trusted
+
+    def delay_for(self, failures: int) -> float:
+        """How long to wait before answering the failure that made the count this."""
+        return float(min(self.max_delay, self.base_delay * 2 ** (failures - 1)))
+
+    # -- counts kept here (one process) ------------------------------------------------
+    def locked(self, ip: str, username: str, now: float) -> bool:
+        return self.is_locked(
+            len(self._recent(f"ip:{ip}", now)),
+            len(self._recent(f"user:{username}", now)),
+            self._is_trusted(ip, username, now),
+        )
 
     def failed(self, ip: str, username: str, now: float) -> float:
         """Record a failure; returns how long to wait before answering it."""
@@ -133,7 +144,7 @@ class FailureTracker:
             times.append(now)
             self._by_key[key] = times
             worst = max(worst, len(times))
-        return float(min(self.max_delay, self.base_delay * 2 ** (worst - 1)))
+        return self.delay_for(worst)
 
     def succeeded(self, ip: str, username: str, now: float) -> None:
         """A good login forgets that username's failures (not the IP's), and makes the
