@@ -37,7 +37,7 @@ from psycopg.rows import dict_row
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable
 from smtpproxy.ingress import replies
-from smtpproxy.ingress.failures import SharedFailures
+from smtpproxy.ingress.failures import Counts, SharedFailures
 from smtpproxy.ingress.limits import TOO_MANY_FAILURES, FailureTracker, ip_allowed
 from smtpproxy.models import AccountIdentity
 from smtpproxy.passwords import hash_password, verify_password
@@ -46,6 +46,7 @@ from smtpproxy.resources import Resources
 T = TypeVar("T")
 _DUMMY_HASH = hash_password("smtpproxy timing equaliser")
 CACHE_SIZE = 10_000
+COUNTS_TTL = 1.0  # seconds a read of the shared failure counts is used again
 
 
 def identity_from_row(row: dict[str, Any]) -> AccountIdentity:
@@ -74,6 +75,7 @@ class Authenticator:
             max_failures=smtp.auth_max_failures, window=smtp.auth_failure_window
         )
         self.shared = SharedFailures(res.redis, res.cfg.redis.key_prefix, self.tracker)
+        self._counts: dict[tuple[str, str], tuple[Counts, float]] = {}
         self.cache_hits = 0
         self._pruned = 0.0
 
@@ -94,11 +96,7 @@ class Authenticator:
         if now - self._pruned > 60:  # forget old failures of clients that went away
             self._pruned = now
             self.tracker.prune(now)
-        locked = await self._counters(
-            lambda: self.shared.locked(client_ip, username, time.time()),
-            self.tracker.locked(client_ip, username, now),
-            log,
-        )
+        locked, counts = await self._locked(client_ip, username, log, fresh=False)
         if locked:
             log.warning("AUTH refused: too many recent failures from this client or user")
             return TOO_MANY_FAILURES
@@ -123,8 +121,43 @@ class Authenticator:
         if identity is None:
             return await self._failed(client_ip, username, log)
         self.tracker.succeeded(client_ip, username, now)
-        await self._counters(lambda: self.shared.succeeded(client_ip, username), None, log)
+        if counts is not None and self.shared.success_changes_anything(counts):
+            await self._counters(lambda: self.shared.succeeded(client_ip, username), None, log)
+            self._counts.pop((client_ip, username), None)
         return identity
+
+    async def _locked(
+        self, client_ip: str, username: str, log: Any, *, fresh: bool = True
+    ) -> tuple[bool, Counts | None]:
+        """Whether AUTH is refused for failures; the shared counts (None: Redis did
+        not answer, and this process's own counts decided).
+
+        Unless `fresh`, counts read in the last COUNTS_TTL are used again: a client
+        opening a connection per message then costs no Redis round trip per login. A
+        failure always reads them afresh, so the staleness can only let a login with
+        the right password through in the moment its username or address was locked
+        by failures in another process."""
+        pair = (client_ip, username)
+        now = trio.current_time()
+        seen = self._counts.get(pair)
+        if not fresh and seen is not None and seen[1] > now:
+            counts: Counts | None = seen[0]
+        else:
+            counts = await self._counters(
+                lambda: self.shared.counts(client_ip, username, time.time()), None, log
+            )
+            self._remember_counts(pair, counts, now)
+        if counts is None:
+            return self.tracker.locked(client_ip, username, now), None
+        return self.shared.locked(counts), counts
+
+    def _remember_counts(self, pair: tuple[str, str], counts: Counts | None, now: float) -> None:
+        if counts is None:
+            self._counts.pop(pair, None)
+            return
+        if len(self._counts) >= CACHE_SIZE:
+            self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
+        self._counts[pair] = (counts, now + COUNTS_TTL)
 
     async def _counters(self, shared: Callable[[], T], local: T, log: Any) -> T:
         """The shared counters' answer; the in-memory one when Redis does not answer."""
@@ -168,11 +201,7 @@ class Authenticator:
             log,
         )
         await trio.sleep(delay)  # slows guessing; costs the server nothing
-        locked = await self._counters(
-            lambda: self.shared.locked(client_ip, username, time.time()),
-            self.tracker.locked(client_ip, username, now),
-            log,
-        )
+        locked, _ = await self._locked(client_ip, username, log)
         if locked:
             log.warning("AUTH failure limit reached: disconnecting")
             return TOO_MANY_FAILURES

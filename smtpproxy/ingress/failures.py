@@ -20,10 +20,18 @@ import math
 import secrets
 from typing import Any
 
+import attrs
 import redis
 
 from smtpproxy.ingress.limits import FailureTracker
 from smtpproxy.queue.streams import mapped_errors
+
+
+@attrs.frozen
+class Counts:
+    ip_failures: int
+    user_failures: int
+    trusted: bool
 
 
 def _digest(*parts: str) -> str:
@@ -43,15 +51,25 @@ class SharedFailures:
     def _trust_key(self, ip: str, username: str) -> str:
         return f"{self._trust}:{_digest(username, ip)}"
 
-    def locked(self, ip: str, username: str, now: float) -> bool:
-        """Blocking: see FailureTracker.is_locked."""
+    def counts(self, ip: str, username: str, now: float) -> Counts:
+        """Blocking: the recent failures of the address and the username, and whether
+        the address is trusted for the username."""
         with mapped_errors():
             pipe = self.client.pipeline(transaction=False)
             for key in self._keys(ip, username):
                 pipe.zcount(key, now - self.policy.window, "+inf")
             pipe.exists(self._trust_key(ip, username))
             ip_failures, user_failures, trusted = pipe.execute()
-        return self.policy.is_locked(int(ip_failures), int(user_failures), bool(trusted))
+        return Counts(int(ip_failures), int(user_failures), bool(trusted))
+
+    def locked(self, counts: Counts) -> bool:
+        return self.policy.is_locked(counts.ip_failures, counts.user_failures, counts.trusted)
+
+    @staticmethod
+    def success_changes_anything(counts: Counts) -> bool:
+        """A login with no failures to forget, from a trusted address, writes nothing
+        (trust is renewed when it has expired): the usual login costs one round trip."""
+        return counts.user_failures > 0 or not counts.trusted
 
     def failed(self, ip: str, username: str, now: float) -> float:
         """Blocking: count a failure; how long to wait before answering it."""
