@@ -16,6 +16,7 @@ fair figure to compare with Postfix, whose queue is its own files.
     just bench --rate 1000                       # latency at a fixed offered load
     just bench --new-connection --tls            # a new STARTTLS + AUTH session per message
     just bench --idle 1000                       # memory with 1,000 idle sessions
+    just bench --processes 2                     # two smtpproxy processes on one port
     just bench --compare-postfix                 # the same load on Postfix's smtpd, then the ratio
     just bench --target postfix --generator smtp-source   # Postfix driven by its own smtp-source
     just bench --host 10.0.0.5 --port 2525 --user bench --password-stdin   # an instance you run
