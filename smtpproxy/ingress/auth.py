@@ -96,7 +96,7 @@ class Authenticator:
         if now - self._pruned > 60:  # forget old failures of clients that went away
             self._pruned = now
             self.tracker.prune(now)
-        locked, counts = await self._locked(client_ip, username, log, fresh=False)
+        locked, counts = await self._locked(client_ip, username, log)
         if locked:
             log.warning("AUTH refused: too many recent failures from this client or user")
             return TOO_MANY_FAILURES
@@ -126,21 +126,19 @@ class Authenticator:
             self._counts.pop((client_ip, username), None)
         return identity
 
-    async def _locked(
-        self, client_ip: str, username: str, log: Any, *, fresh: bool = True
-    ) -> tuple[bool, Counts | None]:
+    async def _locked(self, client_ip: str, username: str, log: Any) -> tuple[bool, Counts | None]:
         """Whether AUTH is refused for failures; the shared counts (None: Redis did
         not answer, and this process's own counts decided).
 
-        Unless `fresh`, counts read in the last COUNTS_TTL are used again: a client
+        Counts read (or written by a failure) in the last COUNTS_TTL are used again: a client
         opening a connection per message then costs no Redis round trip per login. A
-        failure always reads them afresh, so the staleness can only let a login with
-        the right password through in the moment its username or address was locked
-        by failures in another process."""
+        failure's own write returns them afresh (_failed), so the staleness can only let
+        a login with the right password through in the moment its username or address
+        was locked by failures in another process."""
         pair = (client_ip, username)
         now = trio.current_time()
         seen = self._counts.get(pair)
-        if not fresh and seen is not None and seen[1] > now:
+        if seen is not None and seen[1] > now:
             counts: Counts | None = seen[0]
         else:
             counts = await self._counters(
@@ -194,14 +192,19 @@ class Authenticator:
             self._cache.popitem(last=False)
 
     async def _failed(self, client_ip: str, username: str, log: Any) -> str | None:
+        """Count the failure (shared and here), wait, and say whether it locked AUTH.
+        The shared counts the failure leaves decide, and are what the next login reads."""
         now = trio.current_time()
-        delay = await self._counters(
-            lambda: self.shared.failed(client_ip, username, time.time()),
-            self.tracker.failed(client_ip, username, now),
-            log,
+        local_delay = self.tracker.failed(client_ip, username, now)
+        counts = await self._counters(
+            lambda: self.shared.failed(client_ip, username, time.time()), None, log
         )
-        await trio.sleep(delay)  # slows guessing; costs the server nothing
-        locked, _ = await self._locked(client_ip, username, log)
+        self._remember_counts((client_ip, username), counts, now)
+        await trio.sleep(local_delay if counts is None else self.shared.delay(counts))
+        if counts is None:
+            locked = self.tracker.locked(client_ip, username, trio.current_time())
+        else:
+            locked = self.shared.locked(counts)
         if locked:
             log.warning("AUTH failure limit reached: disconnecting")
             return TOO_MANY_FAILURES

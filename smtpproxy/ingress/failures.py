@@ -71,8 +71,8 @@ class SharedFailures:
         (trust is renewed when it has expired): the usual login costs one round trip."""
         return counts.user_failures > 0 or not counts.trusted
 
-    def failed(self, ip: str, username: str, now: float) -> float:
-        """Blocking: count a failure; how long to wait before answering it."""
+    def failed(self, ip: str, username: str, now: float) -> Counts:
+        """Blocking: count a failure; the counts it leaves (what `counts` would read)."""
         window = self.policy.window
         member = f"{now!r}:{secrets.token_hex(4)}"
         with mapped_errors():
@@ -82,8 +82,13 @@ class SharedFailures:
                 pipe.zremrangebyscore(key, "-inf", now - window)
                 pipe.zcard(key)
                 pipe.expire(key, math.ceil(window))
+            pipe.exists(self._trust_key(ip, username))
             replies = pipe.execute()
-        return self.policy.delay_for(max(int(replies[2]), int(replies[6])))
+        return Counts(int(replies[2]), int(replies[6]), bool(replies[8]))
+
+    def delay(self, counts: Counts) -> float:
+        """How long to wait before answering the failure that left these counts."""
+        return self.policy.delay_for(max(counts.ip_failures, counts.user_failures))
 
     def succeeded(self, ip: str, username: str) -> None:
         """Blocking: a good login forgets the username's failures (not the address's)
