@@ -8,6 +8,7 @@ import contextlib
 import signal
 import smtplib
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,60 @@ async def test_connection_limits_total_and_per_address(
     assert third[0] == 421 and b"your address" in third[1]
     assert other[0] == 220
     assert fourth[0] == 421 and b"Too many connections" in fourth[1]
+
+
+def _hang_up_early(port: int, tls_port: int, n: int) -> None:
+    """n connections of each kind a scanner or a load balancer's health check makes:
+    closed at once, reset at once, closed after the greeting, and closed on the
+    implicit-TLS port before the handshake."""
+    for _ in range(n):
+        socket.create_connection(("127.0.0.1", port)).close()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(10)
+            s.recv(1024)
+        socket.create_connection(("127.0.0.1", tls_port)).close()
+
+
+def _greetings(port: int, count: int) -> list[int]:
+    """Open count sessions, one after another and all held open; their greeting codes."""
+    held = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.settimeout(10)
+            held.append(s)
+        return [int(s.recv(1024)[:3]) for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+async def test_connections_closed_early_give_their_slot_back(
+    tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, clean: None, nursery: trio.Nursery
+) -> None:
+    """Hundreds of connections that close before, at or right after the greeting (and
+    before the TLS handshake on the implicit-TLS port) hold no slot: afterwards exactly
+    max_connections sessions are served and the next gets 421."""
+    running, stop = await start(
+        nursery,
+        tmp_path,
+        pg_url,
+        redis_url,
+        key_prefix,
+        smtp={"max_connections": 3, "tls_listen": ["127.0.0.1:0"]},
+    )
+    port, tls_port = running.smtp[0][1], running.smtp[1][1]
+    with trio.fail_after(60):
+        await run(lambda: _hang_up_early(port, tls_port, 100))
+        deadline = trio.current_time() + 10
+        codes = await run(lambda: _greetings(port, 4))
+        while codes != [220, 220, 220, 421] and trio.current_time() < deadline:
+            await trio.sleep(0.2)  # the server sees the last closes a moment later
+            codes = await run(lambda: _greetings(port, 4))
+    stop.set()
+    assert codes == [220, 220, 220, 421], codes
 
 
 async def test_idle_and_total_session_timeouts(

@@ -199,6 +199,15 @@ class RelaySMTP(SMTP):
             self._log_session()
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        """The client closed its side: end the session. aiosmtpd cancels the session
+        task and, on a plain connection, asks to keep the transport half open; when the
+        client closed before that task first ran (a port scan, a load balancer's check)
+        nothing ever closed it, and connection_lost, which gives back the connection
+        slot, never came. SMTP has no use for a half-open connection."""
+        super().eof_received()
+        return False  # the transport closes itself, and connection_lost follows
+
     def _log_session(self) -> None:
         s = self.sess
         if s is None:
