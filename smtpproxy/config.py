@@ -147,8 +147,8 @@ class SmtpConfig:
     commit_batch_max: int = 256
     committers: int = 2
     enqueue_retry_delays: tuple[Duration, ...] = (Duration(0.5), Duration(1), Duration(2))
-    # a resubmission (same account, Message-ID and body) within this window gets the
-    # original's 250 instead of being delivered twice; "0" turns the check off
+    # a resubmission (same account, Message-ID, body, sender and recipient set) within
+    # this window gets the original's 250 instead of being delivered twice; "0": off
     duplicate_window: Duration = Duration(600)
 
     def effective_hostname(self) -> str:

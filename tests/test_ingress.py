@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import smtplib
 import socket
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -11,8 +13,8 @@ import trio
 
 from smtpproxy.config import Config
 from smtpproxy.store import key_for
-from tests.conftest import Service
-from tests.support import smtp
+from tests.conftest import Service, make_config
+from tests.support import serving, smtp
 
 run = trio.to_thread.run_sync
 
@@ -282,3 +284,100 @@ async def test_resubmission_gets_the_original_id_and_is_stored_once(
     assert sorted(r[0] for r in rows) == sorted({ids[0], ids[2]})
     stored = list(cfg.storage_path.rglob("*.eml"))
     assert len(stored) == 2
+
+
+def split_transactions(port: int, password: str, data: bytes, rcpts: list[str]) -> list[str]:
+    """Send data to rcpts as an MTA does when the server limits recipients: as many RCPTs
+    as are taken (452 for the rest), then the same bytes again in a new transaction to
+    the recipients left. Returns the queued ids."""
+    ids = []
+    with smtp.connect(port) as client:
+        smtp.login(client, "app", password)
+        left = list(rcpts)
+        while left:
+            assert client.mail("alice@example.com")[0] == 250
+            taken = []
+            for r in left:
+                code, _ = client.rcpt(r)
+                if code == 452:
+                    break
+                assert code == 250, code
+                taken.append(r)
+            assert taken
+            code, reply = client.data(data)
+            assert code == 250, reply
+            ids.append(smtp.queued_id(reply))
+            left = left[len(taken) :]
+    return ids
+
+
+async def test_one_message_split_over_transactions_reaches_every_recipient(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    nursery: trio.Nursery,
+) -> None:
+    """120 recipients, max_recipients 50: the client sends the same bytes in three
+    transactions, each is a message of its own (not a duplicate) and all 120 get it."""
+    cfg = make_config(
+        tmp_path,
+        pg_url,
+        redis_url,
+        key_prefix,
+        smtp={"max_recipients": 50},
+        delivery={"default_route": "outbox"},
+    )
+    running, stop = await serving.start(nursery, cfg)
+    port = running.smtp[0][1]
+    rcpts = [f"user{n:03}@example.org" for n in range(120)]
+    data = smtp.message(message_id="<split-over-transactions@example.com>")
+    with trio.fail_after(60):
+        ids = await run(lambda: split_transactions(port, account["password"], data, rcpts))
+        for mid in ids:
+            await serving.wait_status(pg_url, mid, "delivered")
+    stop.set()
+    assert len(ids) == len(set(ids)) == 3
+    delivered = []
+    for mid in ids:
+        envelope = json.loads((tmp_path / "outbox" / f"{mid}.json").read_text())
+        assert (tmp_path / "outbox" / f"{mid}.eml").read_bytes() == data
+        delivered += envelope["rcpt_to"]
+    assert sorted(delivered) == rcpts
+
+
+async def test_a_duplicate_is_the_same_envelope_too(
+    service: Service, account: dict[str, Any], pg_url: str
+) -> None:
+    """The same Message-ID and body is a duplicate only with the same sender and the same
+    recipient set (in any order); another sender, fewer, more or overlapping recipients
+    make a new message."""
+    data = smtp.message(message_id="<same-bytes@example.com>")
+    password = account["password"]
+
+    def send(mail_from: str, *rcpts: str) -> str:
+        code, reply = smtp.send(
+            service.smtp_port, "app", password, data, mail_from=mail_from, rcpt_to=rcpts
+        )
+        assert code == 250, reply
+        return smtp.queued_id(reply)
+
+    with trio.fail_after(30):
+        first = await run(lambda: send("alice@example.com", "a@example.org", "b@example.org"))
+        again = await run(lambda: send("alice@example.com", "b@example.org", "a@example.org"))
+        others = [
+            await run(lambda e=e: send(*e))
+            for e in (
+                ("carol@example.com", "a@example.org", "b@example.org"),
+                ("alice@example.com", "a@example.org"),
+                ("alice@example.com", "a@example.org", "b@example.org", "c@example.org"),
+                ("alice@example.com", "b@example.org", "c@example.org"),
+            )
+        ]
+    assert again == first
+    assert len({first, *others}) == 5
+    with psycopg.connect(pg_url) as conn:
+        count = conn.execute("SELECT count(*) FROM messages").fetchone()
+    assert count == (5,)

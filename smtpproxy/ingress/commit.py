@@ -138,7 +138,8 @@ class Committer:
         dups = [s for s in subs if s.message_id in originals]
         for s in dups:
             logger.bind(message_id=originals[s.message_id], account=s.account.username).info(
-                "duplicate submission (same Message-ID and body): answered with the original id"
+                "duplicate submission (same Message-ID, body and envelope): answered with"
+                " the original id"
             )
         await self._remove_bodies([s.storage_key for s in dups])
 

@@ -1,14 +1,19 @@
 -- Statements on messages and delivery_logs used by ingress, delivery and the scheduler.
 
 -- name: insert_messages
--- One statement per batch. A submission whose account, header Message-ID and body hash
--- match a message accepted within the duplicate window (a client re-sending after a lost
--- 250) is not inserted: the statement returns it with the original's id instead.
+-- One statement per batch. A submission that repeats one accepted within the duplicate
+-- window (a client re-sending after a lost 250) is not inserted: the statement returns
+-- it with the original's id instead. Repeating means the same account, header
+-- Message-ID and body hash, and the same envelope: the same sender and the same set of
+-- recipients (in any order). The same bytes to other recipients are a new message: an
+-- MTA splitting a long recipient list, or a client told 452 for too many recipients,
+-- sends exactly that.
 WITH input AS (
-    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::jsonb[],
-                         %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-                         %s::int[], %s::text[], %s::text[], %s::text[])
-        AS u(id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
+    SELECT u.*, ARRAY(SELECT jsonb_array_elements_text(u.rcpt_json)) AS rcpt_to
+    FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::jsonb[],
+                %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+                %s::int[], %s::text[], %s::text[], %s::text[])
+        AS u(id, tenant_id, account_id, mail_from, rcpt_json, subject, header_message_id,
              header_from, header_to, header_cc, size, sha256, storage_key, client_ip)
 ),
 dups AS (
@@ -20,16 +25,17 @@ dups AS (
     WHERE i.header_message_id <> '' AND m.header_message_id <> ''
       AND m.created_at > now() - make_interval(secs => %s)
       AND m.status <> 'enqueue_failed' AND m.parent_id IS NULL
+      AND m.mail_from = i.mail_from
+      AND m.rcpt_to @> i.rcpt_to AND m.rcpt_to <@ i.rcpt_to
     ORDER BY i.id, m.created_at
 ),
 inserted AS (
     INSERT INTO messages (
         id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
         header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status)
-    SELECT i.id, i.tenant_id, i.account_id, i.mail_from,
-           ARRAY(SELECT jsonb_array_elements_text(i.rcpt_to)), i.subject, i.header_message_id,
-           i.header_from, i.header_to, i.header_cc, i.size, i.sha256, i.storage_key, i.client_ip,
-           'queued'
+    SELECT i.id, i.tenant_id, i.account_id, i.mail_from, i.rcpt_to, i.subject,
+           i.header_message_id, i.header_from, i.header_to, i.header_cc, i.size, i.sha256,
+           i.storage_key, i.client_ip, 'queued'
     FROM input i WHERE i.id NOT IN (SELECT new_id FROM dups)
 )
 SELECT new_id, original_id FROM dups
