@@ -4,6 +4,7 @@ certificate reload, and the per-session log line; with real clients over real so
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import signal
 import smtplib
@@ -588,3 +589,88 @@ async def test_auth_failures_still_counted_without_redis(
         stop.set()
     assert [code for code, _ in failures] == [535, 535, 421]
     assert after[0] == 421
+
+
+async def test_parallel_guesses_are_held_back_without_redis_too(
+    tmp_path: Path, pg_url: str, key_prefix: str, account: dict[str, Any], nursery: trio.Nursery
+) -> None:
+    """With Redis down, the process's own counters reserve each check as Redis does:
+    20 guesses at once still get no more than auth_max_failures checks."""
+    with RedisProcess(tmp_path / "redis") as redis_server:
+        running, stop = await start(
+            nursery,
+            tmp_path,
+            pg_url,
+            redis_server.url,
+            key_prefix,
+            smtp={"auth_max_failures": 3},
+            delivery={"enabled": False},
+            redis={"url": redis_server.url, "key_prefix": key_prefix, "socket_timeout": "1s"},
+        )
+        port = running.smtp[0][1]
+        redis_server.kill()
+        with trio.fail_after(120):
+            codes = await run(lambda: guesses_at_once(port, 19, PASSWORD))
+        stop.set()
+    assert codes.count(235) == 0, codes
+    assert codes.count(535) <= 2 and set(codes) <= {535, 421}, codes
+
+
+def guesses_at_once(port: int, wrong: int, password: str, sessions: int = 0) -> list[int]:
+    """Open TLS sessions from one address (sessions, or wrong + 1), then send AUTH on all
+    of them without waiting for any answer: `wrong` wrong passwords first, then the
+    right one. Returns the AUTH reply codes in sending order."""
+    clients = []
+    try:
+        for _ in range(sessions or wrong + 1):
+            clients.append(smtp.connect(port, timeout=60))
+        for n, client in enumerate(clients):
+            secret = password if n >= wrong else f"wrong-{n}"
+            blob = base64.b64encode(f"\0app\0{secret}".encode()).decode()
+            client.send(f"AUTH PLAIN {blob}\r\n")
+        return [client.getreply()[0] for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+
+
+async def test_parallel_guesses_get_no_more_tries_than_serial_ones(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    nursery: trio.Nursery,
+) -> None:
+    """60 AUTH attempts from one address at once (59 wrong, then the right password):
+    no more than auth_max_failures passwords are checked, everything after is refused,
+    the right password included, as when the guesses come one by one."""
+    running, stop = await start(nursery, tmp_path, pg_url, redis_url, key_prefix)
+    port = running.smtp[0][1]
+    with trio.fail_after(120):
+        codes = await run(lambda: guesses_at_once(port, 59, PASSWORD))
+    stop.set()
+    assert codes.count(235) == 0, codes
+    assert codes.count(535) <= 4, codes  # the 5th failure is answered 421 (locked)
+    assert set(codes) <= {535, 421}, codes
+
+
+async def test_many_right_logins_at_once_all_get_in(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    nursery: trio.Nursery,
+) -> None:
+    """50 sessions from one address logging in at once with the right password (an
+    application starting its connection pool) all get 235: attempts beyond the failure
+    limit wait for the outcome of those being checked, they are not refused."""
+    running, stop = await start(nursery, tmp_path, pg_url, redis_url, key_prefix)
+    port = running.smtp[0][1]
+    with trio.fail_after(120):
+        codes = await run(lambda: guesses_at_once(port, 0, PASSWORD, sessions=50))
+    stop.set()
+    assert codes == [235] * 50, codes

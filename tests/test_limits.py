@@ -82,3 +82,23 @@ def test_qualified_mailboxes(address: str) -> None:
 )
 def test_unqualified_addresses(address: str) -> None:
     assert not is_qualified_mailbox(address)
+
+
+def test_reserve_counts_checks_in_progress() -> None:
+    """Failures counted plus checks in progress stay under the limit: one more waits,
+    a settled success frees its place, counted failures lock."""
+    t = tracker()
+    now = 1000.0
+    assert [t.reserve("1.2.3.4", "app", now) for _ in range(4)] == [
+        "ok",
+        "ok",
+        "ok",
+        "wait",
+    ]
+    t.settle("1.2.3.4", "app")  # a success
+    assert t.reserve("1.2.3.4", "app", now) == "ok"
+    for _ in range(3):
+        t.failed("1.2.3.4", "app", now)
+        t.settle("1.2.3.4", "app")
+    assert t.reserve("1.2.3.4", "app", now) == "locked"
+    assert t.reserve("5.6.7.8", "other", now) == "ok"  # others are not held back

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import attrs
 import trio
 from loguru import logger
 from psycopg.rows import dict_row
@@ -47,6 +48,17 @@ T = TypeVar("T")
 _DUMMY_HASH = hash_password("smtpproxy timing equaliser")
 CACHE_SIZE = 10_000
 COUNTS_TTL = 1.0  # seconds a read of the shared failure counts is used again
+RESERVE_WAIT = 20.0  # longest an attempt waits for the outcome of others in progress
+RESERVE_POLL = 0.05  # how often a waiting attempt asks again
+
+
+@attrs.frozen
+class _Ticket:
+    """A place taken for one password check: in this process's tracker, and in Redis
+    (reservation: its member there; "" while Redis does not answer)."""
+
+    reservation: str
+    counts: Counts | None
 
 
 def identity_from_row(row: dict[str, Any]) -> AccountIdentity:
@@ -76,6 +88,7 @@ class Authenticator:
         )
         self.shared = SharedFailures(res.redis, res.cfg.redis.key_prefix, self.tracker)
         self._counts: dict[tuple[str, str], tuple[Counts, float]] = {}
+        self._settled = trio.Event()  # set when an attempt of this process is decided
         self.cache_hits = 0
         self._pruned = 0.0
 
@@ -96,35 +109,105 @@ class Authenticator:
         if now - self._pruned > 60:  # forget old failures of clients that went away
             self._pruned = now
             self.tracker.prune(now)
-        locked, counts = await self._locked(client_ip, username, log)
-        if locked:
-            log.warning("AUTH refused: too many recent failures from this client or user")
-            return TOO_MANY_FAILURES
         key = self._cache_key(login, password)
         cached = self._cache.get(key)
         if cached is not None and cached[1] > now:
+            # credentials verified before: nothing is being guessed, only the lock applies
+            locked, counts = await self._locked(client_ip, username, log)
+            if locked:
+                log.warning("AUTH refused: too many recent failures from this client or user")
+                return TOO_MANY_FAILURES
             self._cache.move_to_end(key)
             self.cache_hits += 1
-            identity: AccountIdentity | None = cached[0]
-        else:
-            self._cache.pop(key, None)
+            return await self._conclude(
+                cached[0], client_ip, username, log, counts=counts, ticket=None
+            )
+        self._cache.pop(key, None)
+        ticket = await self._reserve(client_ip, username, log)
+        if isinstance(ticket, str):
+            return ticket
+        try:
             try:
                 identity = await self._check(username, password, log)
             except DatabaseUnavailable as exc:
                 log.warning("AUTH could not be checked: {}", exc)
+                await self._counters(
+                    lambda: self.shared.release(client_ip, username, ticket.reservation), None, log
+                )
                 return replies.AUTH_TEMPFAIL
             if identity is not None:
                 self._remember(key, identity, now)
+            return await self._conclude(
+                identity, client_ip, username, log, counts=ticket.counts, ticket=ticket
+            )
+        finally:
+            self.tracker.settle(client_ip, username)
+            self._wake_waiters()
+
+    async def _conclude(
+        self,
+        identity: AccountIdentity | None,
+        client_ip: str,
+        username: str,
+        log: Any,
+        *,
+        counts: Counts | None,
+        ticket: _Ticket | None,  # None: the credentials were known good (cached)
+    ) -> AccountIdentity | str | None:
+        """Apply the tenant's networks, then count the failure or the success."""
         if identity is not None and not ip_allowed(client_ip, identity.networks):
             log.info("AUTH failed: client address not in the tenant's allowed networks")
             identity = None
         if identity is None:
-            return await self._failed(client_ip, username, log)
-        self.tracker.succeeded(client_ip, username, now)
-        if counts is not None and self.shared.success_changes_anything(counts):
-            await self._counters(lambda: self.shared.succeeded(client_ip, username), None, log)
+            return await self._failed(client_ip, username, log, ticket)
+        self.tracker.succeeded(client_ip, username, trio.current_time())
+        reservation = ticket.reservation if ticket is not None else ""
+        if reservation or (counts is not None and self.shared.success_changes_anything(counts)):
+            await self._counters(
+                lambda: self.shared.succeeded(client_ip, username, reservation), None, log
+            )
             self._counts.pop((client_ip, username), None)
         return identity
+
+    async def _reserve(self, client_ip: str, username: str, log: Any) -> _Ticket | str:
+        """A place for an attempt whose password is about to be checked, or the reply
+        refusing it (421 locked; 454 when attempts in progress kept it waiting too long).
+
+        The failures already counted and the attempts being checked right now together
+        stay under smtp.auth_max_failures: an attempt that would pass it waits for the
+        others' outcomes, so sessions opened at once get no more guesses than one
+        session guessing in turn. In Redis for every instance; in this process alone
+        while Redis does not answer."""
+        deadline = trio.current_time() + RESERVE_WAIT
+        while True:
+            # this process's own place first: should Redis stop answering halfway, the
+            # checks already under way here still count
+            verdict = self.tracker.reserve(client_ip, username, trio.current_time())
+            ticket = _Ticket("", None)
+            if verdict == "ok":
+                try:
+                    verdict, counts, reservation = await self._res.redis_offload(
+                        self.shared.reserve, client_ip, username, time.time()
+                    )
+                    ticket = _Ticket(reservation, counts)
+                except QueueUnavailable as exc:
+                    log.warning("AUTH failure counters unavailable in Redis, using ours: {}", exc)
+                if verdict != "ok":
+                    self.tracker.settle(client_ip, username)
+            if verdict == "ok":
+                return ticket
+            if verdict == "locked":
+                log.warning("AUTH refused: too many recent failures from this client or user")
+                return TOO_MANY_FAILURES
+            if trio.current_time() >= deadline:
+                log.warning("AUTH deferred: too many attempts in progress for this client or user")
+                return replies.AUTH_TEMPFAIL
+            with trio.move_on_after(RESERVE_POLL):  # another instance's outcome shows here
+                await self._settled.wait()
+
+    def _wake_waiters(self) -> None:
+        self._settled.set()
+        self._settled = trio.Event()
 
     async def _locked(self, client_ip: str, username: str, log: Any) -> tuple[bool, Counts | None]:
         """Whether AUTH is refused for failures; the shared counts (None: Redis did
@@ -191,15 +274,20 @@ class Authenticator:
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
 
-    async def _failed(self, client_ip: str, username: str, log: Any) -> str | None:
-        """Count the failure (shared and here), wait, and say whether it locked AUTH.
-        The shared counts the failure leaves decide, and are what the next login reads."""
+    async def _failed(
+        self, client_ip: str, username: str, log: Any, ticket: _Ticket | None
+    ) -> str | None:
+        """Count the failure (shared and here; the reserved attempt's, when it had one),
+        wait, and say whether it locked AUTH. The shared counts the failure leaves
+        decide, and are what the next login reads."""
         now = trio.current_time()
         local_delay = self.tracker.failed(client_ip, username, now)
+        reservation = ticket.reservation if ticket is not None else ""
         counts = await self._counters(
-            lambda: self.shared.failed(client_ip, username, time.time()), None, log
+            lambda: self.shared.failed(client_ip, username, time.time(), reservation), None, log
         )
         self._remember_counts((client_ip, username), counts, now)
+        self._wake_waiters()  # attempts waiting on this one may now be refused at once
         await trio.sleep(local_delay if counts is None else self.shared.delay(counts))
         if counts is None:
             locked = self.tracker.locked(client_ip, username, trio.current_time())

@@ -101,6 +101,7 @@ class FailureTracker:
     trust_period: float = 86400.0
     _by_key: dict[str, collections.deque[float]] = attrs.Factory(dict)
     _trusted: dict[tuple[str, str], float] = attrs.Factory(dict)  # (user, ip) -> last success
+    _pending: collections.Counter[str] = attrs.Factory(collections.Counter)  # being checked
 
     def _recent(self, key: str, now: float) -> collections.deque[float]:
         times = self._by_key.get(key)
@@ -135,6 +136,28 @@ class FailureTracker:
             len(self._recent(f"user:{username}", now)),
             self._is_trusted(ip, username, now),
         )
+
+    def reserve(self, ip: str, username: str, now: float) -> str:
+        """Take a place for an attempt whose password is about to be checked: 'ok' (settle
+        it with `settle`), 'wait' (attempts being checked may still lock the client) or
+        'locked'. The same rule as SharedFailures.reserve, for one process."""
+        keys = (f"ip:{ip}", f"user:{username}")
+        ip_failures, user_failures = (len(self._recent(key, now)) for key in keys)
+        trusted = self._is_trusted(ip, username, now)
+        if self.is_locked(ip_failures, user_failures, trusted):
+            return "locked"
+        ip_pending, user_pending = (self._pending[key] for key in keys)
+        if self.is_locked(ip_failures + ip_pending, user_failures + user_pending, trusted):
+            return "wait"
+        self._pending.update(keys)
+        return "ok"
+
+    def settle(self, ip: str, username: str) -> None:
+        """A reserved attempt is over (its failure, if any, is counted by `failed`)."""
+        for key in (f"ip:{ip}", f"user:{username}"):
+            self._pending[key] -= 1
+            if self._pending[key] <= 0:
+                del self._pending[key]
 
     def failed(self, ip: str, username: str, now: float) -> float:
         """Record a failure; returns how long to wait before answering it."""
