@@ -200,6 +200,10 @@ class DeliveryConfig:
     retry_schedule: tuple[Duration, ...] = tuple(Duration(s) for s in (30, 60, 120, 300, 900, 1800))
     default_route: str = ""
     visibility_timeout: Duration = Duration(300)
+    # every consumer beats in Redis this often; one silent for heartbeat_lifetime is dead,
+    # and what it held (stream entries, messages in `sending`) is taken over at once
+    heartbeat_interval: Duration = Duration(2)
+    heartbeat_lifetime: Duration = Duration(10)
     scheduler_interval: Duration = Duration(1)
     body_read_retries: tuple[Duration, ...] = (Duration(1), Duration(2), Duration(4))
     shutdown_grace: Duration = Duration(25)
@@ -440,6 +444,11 @@ def _check_semantics(cfg: Config) -> None:
         problems.append("smtp.listen: at least one host:port is required")
     if cfg.database.pool_min > cfg.database.pool_max:
         problems.append("database.pool_min: must not exceed database.pool_max")
+    d = cfg.delivery
+    if d.heartbeat_interval <= 0:
+        problems.append("delivery.heartbeat_interval: expected a duration above 0")
+    elif d.heartbeat_lifetime < 3 * d.heartbeat_interval:
+        problems.append("delivery.heartbeat_lifetime: must be at least 3 heartbeat_interval")
     if not cfg.delivery.retry_schedule:
         problems.append("delivery.retry_schedule: at least one delay is required")
     if bool(cfg.smtp.tls_cert) != bool(cfg.smtp.tls_key):

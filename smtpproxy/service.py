@@ -5,8 +5,8 @@ reports ready (task_status) only when the SMTP listeners and the health endpoint
 bound. Shutdown (the stop event, set by SIGTERM/SIGINT): readiness says "draining", new
 SMTP sessions get 421, DATA in progress and deliveries in flight get until
 delivery.shutdown_grace to finish, then everything is cancelled. Deliveries cut off
-then stay pending on the stream and are reclaimed by another instance (or this one
-after a restart) once the visibility timeout passes.
+then stay pending on the stream and are taken over by another instance (or this one
+after a restart) once this one has left the liveness registry for a heartbeat lifetime.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from smtpproxy.queue.liveness import ConsumerRegistry, heartbeat_timing
+from smtpproxy.config import ConfigError, structure
+from smtpproxy.queue.liveness import ConsumerRegistry
+from smtpproxy.queue.streams import Streams
 
 
 @pytest.fixture
@@ -43,9 +45,42 @@ def test_others_leaves_out_the_asker(registry: ConsumerRegistry) -> None:
     assert registry.beat("b", 60).others("b") == ["a"]
 
 
-@pytest.mark.parametrize(
-    ("visibility", "interval", "lifetime"),
-    [(300, 10, 150), (3, 0.5, 1.5), (0.5, 0.2, 0.6)],
-)
-def test_heartbeat_timing(visibility: float, interval: float, lifetime: float) -> None:
-    assert heartbeat_timing(visibility) == pytest.approx((interval, lifetime))
+def test_heartbeat_lifetime_must_cover_three_beats() -> None:
+    with pytest.raises(ConfigError, match=r"delivery\.heartbeat_lifetime"):
+        structure({"delivery": {"heartbeat_interval": "2s", "heartbeat_lifetime": "5s"}})
+    cfg = structure({})
+    assert (cfg.delivery.heartbeat_interval, cfg.delivery.heartbeat_lifetime) == (2, 10)
+
+
+@pytest.fixture
+def streams(redis_url: str, key_prefix: str) -> Iterator[Streams]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    s = Streams(client, f"{key_prefix}-takeover")
+    yield s
+    for key in client.scan_iter(f"{key_prefix}-takeover*"):
+        client.delete(key)
+    client.close()
+
+
+def test_take_over_claims_only_silent_consumers_that_are_not_alive(streams: Streams) -> None:
+    """A dead consumer's pending entries move to the taker once it has been silent for
+    the given idle time, and the dead consumer is then forgotten; a live consumer's
+    entries, and a silent consumer still in the live list, are left alone."""
+    stream = streams.stream_for(1)
+    streams.ensure_groups([stream])
+    streams.add_many([{"id": f"m{n}", "tenant_id": "1", "account_id": "1"} for n in range(6)])
+    assert len(streams.read("dead", [stream], 2, 100)) == 2
+    assert len(streams.read("alive", [stream], 2, 100)) == 2
+    assert len(streams.read("asleep", [stream], 2, 100)) == 2
+    alive = frozenset({"alive", "asleep", "taker"})
+    assert streams.take_over("taker", [stream], alive - {"asleep"}, 60_000, 10) == []
+    time.sleep(0.25)
+    streams.read("alive", [stream], 1, 1)  # heard from: not silent
+    taken = streams.take_over("taker", [stream], alive, 200, 10)
+    assert sorted(e.fields["id"] for e in taken) == ["m0", "m1"]
+    assert streams.pending(stream).consumers == {"taker": 2, "alive": 2, "asleep": 2}
+    streams.finish(taken)
+    time.sleep(0.25)
+    assert streams.take_over("taker", [stream], alive, 200, 10) == []
+    names = {c["name"] for c in streams.client.xinfo_consumers(stream, "delivery")}
+    assert "dead" not in names and {"alive", "asleep", "taker"} <= names

@@ -8,12 +8,15 @@ Per stream entry (ARCHITECTURE.md invariant 4):
    delivery_logs row and the new status in one transaction;
 3. only then acknowledge (XACK + XDEL).
 
-Entries another consumer read but never finished (it died) are reclaimed with
-XAUTOCLAIM after the visibility timeout. A message left in `sending` is claimed again
-only when the consumer holding it has stopped beating in the liveness registry
-(queue/liveness.py), or, for this consumer's own claims, when no task here holds it
-any more: a live consumer that is slow to record an outcome (PostgreSQL is away) must
-not have the message sent a second time under it.
+Every consumer beats in the liveness registry (queue/liveness.py). Entries a dead
+consumer read but never finished are taken over as soon as it has been silent for a
+heartbeat lifetime (10 s by default), and so are the messages it left in `sending`:
+after a crash and a restart, mail moves again within seconds. Any entry idle past the
+visibility timeout is reclaimed too (XAUTOCLAIM), the backstop for an entry a live
+consumer lost track of. A message left in `sending` is claimed again only when the
+consumer holding it has stopped beating, or, for this consumer's own claims, when no
+task here holds it any more: a live consumer that is slow to record an outcome
+(PostgreSQL is away) must not have the message sent a second time under it.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ from smtpproxy.delivery.records import Claimed, Recorder
 from smtpproxy.delivery.retry import RetryPolicy
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
 from smtpproxy.headers import summarize
-from smtpproxy.queue.liveness import ConsumerRegistry, LiveConsumers, heartbeat_timing
+from smtpproxy.queue.liveness import ConsumerRegistry, LiveConsumers
 from smtpproxy.queue.streams import Entry, Streams
 from smtpproxy.resources import Resources
 from smtpproxy.store import key_for
+from smtpproxy.threads import Offload
 
 _RUN = secrets.token_hex(3)  # two containers can share a hostname and pid 1
 
@@ -114,8 +118,11 @@ class Consumer:
         self._recorder = Recorder(res, name, policy)
         self._deliverer = Deliverer(res, directory, pool, self.health, self._recorder)
         self._visibility = cfg.visibility_timeout
+        self._beat_every = cfg.heartbeat_interval
+        self._lifetime = cfg.heartbeat_lifetime
         self._slots = trio.Semaphore(cfg.concurrency)
         self._registry = ConsumerRegistry(res.streams.client, res.cfg.redis.key_prefix)
+        self._beat_offload = Offload("liveness", 1)  # never queued behind other Redis calls
         self._live = LiveConsumers()  # until the first heartbeat: nobody else's claims
         self._holding: set[str] = set()  # message ids a task of ours is working on
         self.in_flight = 0
@@ -125,7 +132,7 @@ class Consumer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log = logger.bind(consumer=self.name)
         streams = StreamRotation(self._res, self._streams)
-        next_reclaim = 0.0
+        next_takeover = next_reclaim = 0.0
         async with trio.open_nursery() as nursery:
             await nursery.start(self._heartbeat, log)
             task_status.started()
@@ -134,8 +141,12 @@ class Consumer:
                 free = self._slots.value + 1
                 try:
                     entries: list[Entry] = []
-                    if time.monotonic() >= next_reclaim:
-                        next_reclaim = time.monotonic() + max(self._visibility / 4, 1)
+                    now = time.monotonic()
+                    if now >= next_takeover and self._live.complete:
+                        next_takeover = now + self._beat_every
+                        entries = await self._take_over(await streams.all(), free, log)
+                    if not entries and now >= next_reclaim:
+                        next_reclaim = now + max(self._visibility / 4, 1)
                         entries = await self._reclaim(await streams.all(), free, log)
                     if not entries:
                         window, per_stream = await streams.window(free)
@@ -163,23 +174,40 @@ class Consumer:
     async def _heartbeat(
         self, log: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Beat in the liveness registry while running; leave it when stopped, so what
-        this consumer still holds can be taken over."""
-        interval, lifetime = heartbeat_timing(self._visibility)
-        task_status.started()
+        """Beat in the liveness registry while running (the first beat before anything
+        is read); leave it when stopped, so what this consumer still holds can be taken
+        over."""
+        started = False
         try:
             while True:
                 try:
-                    self._live = await self._res.redis_offload(
-                        self._registry.beat, self.name, lifetime
+                    self._live = await self._beat_offload(
+                        self._registry.beat, self.name, self._lifetime
                     )
                 except QueueUnavailable as exc:
                     log.warning("liveness heartbeat failed: {}", exc)
-                await trio.sleep(interval)
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(self._beat_every)
         finally:
             with trio.move_on_after(2) as scope, contextlib.suppress(QueueUnavailable):
                 scope.shield = True  # a failure only means our entry expires on its own
-                await self._res.redis_offload(self._registry.leave, self.name)
+                await self._beat_offload(self._registry.leave, self.name)
+
+    async def _take_over(self, streams: list[str], count: int, log: Any) -> list[Entry]:
+        """The entries of consumers that stopped beating (crashed, killed)."""
+        entries: list[Entry] = await self._res.redis_offload(
+            self._streams.take_over,
+            self.name,
+            streams,
+            self._live.names,
+            int(self._lifetime * 1000),
+            count,
+        )
+        if entries:
+            log.warning("took over {} stream entries of a consumer that stopped", len(entries))
+        return entries
 
     async def _reclaim(self, streams: list[str], count: int, log: Any) -> list[Entry]:
         entries: list[Entry] = await self._res.redis_offload(
@@ -187,7 +215,7 @@ class Consumer:
         )
         for e in entries:
             log.bind(message_id=e.fields.get("id")).warning(
-                "reclaimed a stream entry left by another consumer"
+                "reclaimed a stream entry idle past the visibility timeout"
             )
         return entries
 
@@ -234,7 +262,7 @@ class Consumer:
         params = {
             "id": mid,
             "consumer": self.name,
-            "visibility": self._visibility,
+            "settle": self._lifetime,
             "live": live.others(self.name),
             "live_complete": live.complete,
         }

@@ -11,6 +11,12 @@ when its last heartbeat expires (Redis server time, so hosts' clocks do not matt
 `<prefix>:consumers:since` records when the set was (re)created: if Redis restarted
 empty or someone deleted the set, live consumers have not all beaten again yet, and
 until one heartbeat lifetime has passed the list is treated as incomplete.
+
+Timing (delivery.heartbeat_interval, 2 s, and heartbeat_lifetime, 10 s) is its own,
+not the visibility timeout's: after a crash the dead consumer's work is taken over
+about one lifetime later. A consumer beats once before it reads anything, so holding
+work always implies being in the registry, and a lifetime of at least three intervals
+keeps a list that is one interval old from missing a consumer that holds work.
 """
 
 from __future__ import annotations
@@ -30,14 +36,6 @@ class LiveConsumers:
 
     def others(self, me: str) -> list[str]:
         return sorted(self.names - {me})
-
-
-def heartbeat_timing(visibility: float) -> tuple[float, float]:
-    """(interval, lifetime) of heartbeats for a delivery visibility timeout: a consumer
-    missing three beats in a row is dead, and a dead consumer's claims are free again
-    about one visibility timeout after its last beat."""
-    interval = min(max(visibility / 6, 0.2), 10.0)
-    return interval, max(visibility / 2, 3 * interval)
 
 
 class ConsumerRegistry:

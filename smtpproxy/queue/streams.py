@@ -201,6 +201,41 @@ class Streams:
                     break
         return entries[:count] if len(entries) > count else entries
 
+    def take_over(
+        self, consumer: str, streams: Sequence[str], alive: frozenset[str], idle_ms: int, count: int
+    ) -> list[Entry]:
+        """Claim the pending entries of consumers that are not alive (absent from a
+        complete live list) and have been silent for idle_ms, and forget such consumers
+        once they hold nothing. Any consumer in `alive`, or heard from within idle_ms
+        (it read the stream), is left alone."""
+        entries: list[Entry] = []
+        with mapped_errors():
+            pipe = self.client.pipeline(transaction=False)
+            for stream in streams:
+                pipe.xinfo_consumers(stream, GROUP)
+            infos = pipe.execute(raise_on_error=False)
+            for stream, info in zip(streams, infos, strict=True):
+                if isinstance(info, Exception):
+                    continue  # no group yet: nothing pending
+                for c in info:
+                    name = str(c["name"])
+                    if name == consumer or name in alive or int(c["idle"]) < idle_ms:
+                        continue
+                    if not int(c["pending"]):
+                        self.client.xgroup_delconsumer(stream, GROUP, name)
+                        continue
+                    want = count - len(entries)
+                    if want <= 0:
+                        continue
+                    held = self.client.xpending_range(
+                        stream, GROUP, "-", "+", want, consumername=name, idle=idle_ms
+                    )
+                    ids = [p["message_id"] for p in held]
+                    if ids:
+                        claimed = self.client.xclaim(stream, GROUP, consumer, idle_ms, ids)
+                        entries.extend(_decode(stream, claimed))
+        return entries
+
     def finish(self, entries: Sequence[Entry]) -> None:
         """Acknowledge and delete finished entries."""
         if not entries:

@@ -49,17 +49,17 @@ WHERE id = ANY(%(ids)s) AND status = 'queued'
 RETURNING id
 
 -- name: claim_message
--- Compare-and-set to sending. A due queued/retrying row can be claimed, and a row stuck
--- in sending past the visibility timeout whose consumer is gone: our own name when no
--- task of ours holds it any more (the caller checks), or a name missing from the
--- complete list of live consumers (queue/liveness.py). Anything else cannot.
+-- Compare-and-set to sending. A due queued/retrying row can be claimed, and a row in
+-- sending for longer than a heartbeat lifetime whose consumer is gone: our own name
+-- when no task of ours holds it any more (the caller checks), or a name missing from
+-- the complete list of live consumers (queue/liveness.py). Anything else cannot.
 UPDATE messages
 SET status = 'sending', attempts = attempts + 1, claimed_by = %(consumer)s,
     claimed_at = now(), updated_at = now()
 WHERE id = %(id)s
   AND ((status IN ('queued', 'retrying')
         AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
-       OR (status = 'sending' AND claimed_at < now() - make_interval(secs => %(visibility)s)
+       OR (status = 'sending' AND claimed_at < now() - make_interval(secs => %(settle)s)
            AND (claimed_by = %(consumer)s
                 OR (%(live_complete)s AND coalesce(claimed_by, '') <> ALL(%(live)s::text[])))))
 RETURNING id, tenant_id, account_id, mail_from, rcpt_to, storage_key, attempts, created_at,
