@@ -146,6 +146,9 @@ class SmtpConfig:
     auth_failure_window: Duration = Duration(900)
     commit_batch_max: int = 256
     committers: int = 2
+    # a message is answered within this long of its final dot: past it, 451, and
+    # nothing of it is kept (a store, database or Redis that hangs costs no more)
+    commit_timeout: Duration = Duration(20)
     enqueue_retry_delays: tuple[Duration, ...] = (Duration(0.5), Duration(1), Duration(2))
     # a resubmission (same account, Message-ID, body, sender and recipient set) within
     # this window gets the original's 250 instead of being delivered twice; "0": off
@@ -445,6 +448,8 @@ def _check_semantics(cfg: Config) -> None:
     if cfg.database.pool_min > cfg.database.pool_max:
         problems.append("database.pool_min: must not exceed database.pool_max")
     d = cfg.delivery
+    if cfg.smtp.commit_timeout <= 0:
+        problems.append("smtp.commit_timeout: expected a duration above 0")
     if d.heartbeat_interval <= 0:
         problems.append("delivery.heartbeat_interval: expected a duration above 0")
     elif d.heartbeat_lifetime < 3 * d.heartbeat_interval:

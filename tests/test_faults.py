@@ -227,6 +227,64 @@ async def test_postgresql_outage_means_451_then_recovery(
     assert set(deliveries(fake).values()) == {1}
 
 
+async def test_a_frozen_database_gets_451_in_time_and_late_rows_are_never_sent(
+    tmp_path: Path,
+    pg_url: str,
+    pg_proxy: tuple[TcpProxy, str],
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    routed: None,
+    fake: FakeSendGrid,
+    nursery: trio.Nursery,
+) -> None:
+    """PostgreSQL hangs (a network partition: nothing answers, nothing is refused):
+    clients get 451 within smtp.commit_timeout. When it answers again, the inserts that
+    were abandoned may commit after all; their rows are refused (enqueue_failed) and
+    never delivered, and new mail flows."""
+    proxy, via_proxy = pg_proxy
+    database = {"url": via_proxy, "connect_timeout": "1s", "pool_min": 1, "pool_max": 4}
+    running, stop = await start(
+        nursery,
+        tmp_path,
+        via_proxy,
+        redis_url,
+        key_prefix,
+        database=database,
+        smtp={"commit_timeout": "3s"},
+    )
+    port = running.smtp[0][1]
+    first = await run(lambda: try_send(port, account["password"]))  # AUTH is cached now
+    await wait_delivered(fake, {first[1]})
+    proxy.freeze()
+    started = trio.current_time()
+    during = [await run(lambda: try_send(port, account["password"])) for _ in range(2)]
+    took = trio.current_time() - started
+    proxy.thaw()
+    with trio.fail_after(60):
+        while True:
+            after = await run(lambda: try_send(port, account["password"]))
+            if after[0] == "250":
+                break
+            await trio.sleep(0.5)
+        await wait_delivered(fake, {after[1]})
+        while True:  # the abandoned inserts are refused once they end
+            with psycopg.connect(pg_url) as c:
+                live = c.execute(
+                    "SELECT count(*) FROM messages WHERE status NOT IN ('delivered',"
+                    " 'enqueue_failed')"
+                ).fetchone()
+            if live == (0,):
+                break
+            await trio.sleep(0.2)
+    await trio.sleep(3 * 1.5)  # past the reconcile grace: nothing refused comes back
+    stop.set()
+    assert [code for code, _ in during] == ["451", "451"]
+    assert took < 2 * (3 + 2)
+    assert set(deliveries(fake)) == {first[1], after[1]}
+
+
 async def test_outage_while_recording_does_not_send_again(
     tmp_path: Path,
     pg_url: str,

@@ -14,6 +14,7 @@ import trio
 from smtpproxy.service import Running
 from tests.conftest import make_config
 from tests.support import smtp
+from tests.support.faults import TcpProxy
 from tests.support.mounts import remount_read_only, small_tmpfs
 from tests.support.s3 import MotoS3
 from tests.support.serving import readiness, start
@@ -151,3 +152,69 @@ async def test_s3_store_accepts_and_delivers(
         code, reply = await send(running, account["password"])
     stop.set()
     assert code == 451 and b"4.3.0" in reply
+
+
+async def test_a_frozen_store_gets_451_within_the_commit_timeout(
+    moto: MotoS3,
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With S3 frozen (requests hang, as in a network partition), every client gets 451
+    within smtp.commit_timeout, none of those messages is ever stored or delivered, and
+    mail flows again within seconds of S3 coming back."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = moto.new_bucket()
+    host, port = moto.endpoint.removeprefix("http://").split(":")
+    with TcpProxy(host, int(port)) as proxy:
+        cfg = make_config(
+            tmp_path,
+            pg_url,
+            redis_url,
+            key_prefix,
+            smtp={"commit_timeout": "3s"},
+            storage={
+                "type": "s3",
+                "s3_bucket": bucket,
+                "s3_endpoint": f"http://127.0.0.1:{proxy.port}",
+                "s3_region": "us-east-1",
+                "s3_access_key_id": "testing",
+                "s3_secret_access_key": "testing",
+            },
+            delivery={"default_route": "outbox"},
+        )
+        running, stop = await start(nursery, cfg)
+        with trio.fail_after(120):
+            assert (await send(running, account["password"]))[0] == 250  # warm: S3 works
+            proxy.freeze()
+            results: list[tuple[int, bytes, float]] = []
+
+            async def client() -> None:
+                started = trio.current_time()
+                code, reply = await send(running, account["password"])
+                results.append((code, reply, trio.current_time() - started))
+
+            async with trio.open_nursery() as clients:
+                for _ in range(3):
+                    clients.start_soon(client)
+            proxy.thaw()
+            await trio.sleep(5)  # hung requests complete now: nothing of theirs may land
+            code, reply = await send(running, account["password"])
+            back = smtp.queued_id(reply) if code == 250 else ""
+            while back and not (tmp_path / "outbox" / f"{back}.eml").exists():
+                await trio.sleep(0.05)
+        stop.set()
+    assert [r[0] for r in results] == [451, 451, 451], results
+    assert all(b"4.3.0" in r[1] for r in results)
+    assert max(r[2] for r in results) < 3 + 2  # the timeout, and the SMTP round trips
+    assert code == 250
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT count(*) FROM messages").fetchone()
+    assert rows == (2,)  # the message before the freeze, and the one after
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 2
+    assert len(moto.keys(bucket)) == 2  # bodies that landed late were removed

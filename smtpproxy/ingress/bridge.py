@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ class CallFailed(BridgeError):
 class Job:
     payload: Any
     future: asyncio.Future[Any]
+    submitted: float = attrs.field(factory=time.monotonic)  # for deadlines on the trio side
 
 
 class Portal:

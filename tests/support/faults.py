@@ -1,6 +1,7 @@
 """Real faults for tests: a Redis server of our own to kill and restart empty, and a TCP
-proxy that can cut a dependency off (every connection dropped, new ones refused) and
-bring it back, as a server outage or a network partition looks to smtpproxy."""
+proxy that can cut a dependency off (every connection dropped, new ones refused) or
+freeze it (connections accepted, nothing forwarded: requests hang) and bring it back,
+as a server outage or a network partition looks to smtpproxy."""
 
 from __future__ import annotations
 
@@ -94,6 +95,8 @@ class TcpProxy(Closing):
         self._listener.listen(128)
         self.port = int(self._listener.getsockname()[1])
         self._up = True
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._closed = False
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
@@ -135,6 +138,9 @@ class TcpProxy(Closing):
                 data = src.recv(65536)
                 if not data:
                     break
+                self._flowing.wait()  # frozen: held here, neither sent nor refused
+                if self._closed:
+                    break
                 dst.sendall(data)
         except OSError:
             pass
@@ -159,7 +165,17 @@ class TcpProxy(Closing):
     def up(self) -> None:
         self._up = True
 
+    def freeze(self) -> None:
+        """Keep accepting connections and reading requests, but forward nothing, in
+        either direction: every request hangs, as across a network partition."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        """Forward again, what was held first."""
+        self._flowing.set()
+
     def close(self) -> None:
         self._closed = True
+        self._flowing.set()
         self.down()
         self._listener.close()
