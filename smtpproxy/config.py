@@ -138,6 +138,10 @@ class SmtpConfig:
     # the same ports and the kernel spreads new connections between them
     reuse_port: bool = False
     timeout: Duration = Duration(300)  # idle: no command or data for this long
+    # DATA may take timeout plus one second per min_data_rate bytes received (0: no limit)
+    min_data_rate: int = 500
+    # longest line of message data (RFC 5322: 998); longer lines are refused with 554
+    max_line_length: int = 998
     max_session_duration: Duration = Duration(1800)  # a whole session, however busy
     check_header_from: bool = False  # header From must also be in the allowed domains
     max_queue_depth: int = 0  # backlog above which new transactions get 421 (0: off)
@@ -441,19 +445,28 @@ def _provider_tables(cfg: Config) -> list[str]:
     return problems
 
 
-def _check_semantics(cfg: Config) -> None:
-    problems = _positive_counts(cfg) + _provider_tables(cfg)
-    if not cfg.smtp.listen:
-        problems.append("smtp.listen: at least one host:port is required")
-    if cfg.database.pool_min > cfg.database.pool_max:
-        problems.append("database.pool_min: must not exceed database.pool_max")
+def _limits_and_timing(cfg: Config) -> list[str]:
+    problems = []
     d = cfg.delivery
+    if cfg.smtp.min_data_rate < 0:
+        problems.append("smtp.min_data_rate: expected 0 (no limit) or bytes per second")
+    if cfg.smtp.max_line_length < 78:
+        problems.append("smtp.max_line_length: expected at least 78 (RFC 5322 allows 998)")
     if cfg.smtp.commit_timeout <= 0:
         problems.append("smtp.commit_timeout: expected a duration above 0")
     if d.heartbeat_interval <= 0:
         problems.append("delivery.heartbeat_interval: expected a duration above 0")
     elif d.heartbeat_lifetime < 3 * d.heartbeat_interval:
         problems.append("delivery.heartbeat_lifetime: must be at least 3 heartbeat_interval")
+    return problems
+
+
+def _check_semantics(cfg: Config) -> None:
+    problems = _positive_counts(cfg) + _provider_tables(cfg) + _limits_and_timing(cfg)
+    if not cfg.smtp.listen:
+        problems.append("smtp.listen: at least one host:port is required")
+    if cfg.database.pool_min > cfg.database.pool_max:
+        problems.append("database.pool_min: must not exceed database.pool_max")
     if not cfg.delivery.retry_schedule:
         problems.append("delivery.retry_schedule: at least one delay is required")
     if bool(cfg.smtp.tls_cert) != bool(cfg.smtp.tls_key):

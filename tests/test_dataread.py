@@ -14,7 +14,7 @@ MiB = 1024 * 1024
 
 
 def read(
-    chunks: Sequence[bytes], size_limit: int | None = None, line_limit: int = 1001
+    chunks: Sequence[bytes], size_limit: int | None = None, line_limit: int = 998
 ) -> DataResult | None:
     """Feed chunks until the reader decides; bytes never fed count as leftover."""
     reader = DataReader(size_limit, line_limit)
@@ -249,9 +249,13 @@ def test_stuffed_dot_line_one_longer_is_rejected() -> None:
 
 
 def test_custom_line_limit() -> None:
-    """line_limit is aiosmtpd's line_length_limit: octets with CRLF plus one stuffed dot."""
-    assert read([b"abcd\r\n.\r\n"], line_limit=7) == ok(b"abcd\r\n")
-    assert read([b"abcde\r\n.\r\n"], line_limit=7) == DataResult(Verdict.LINE_TOO_LONG)
+    """line_limit (smtp.max_line_length) counts the octets of a line without CRLF and
+    without a stuffed dot."""
+    assert read([b"abcd\r\n.\r\n"], line_limit=4) == ok(b"abcd\r\n")
+    assert read([b"abcde\r\n.\r\n"], line_limit=4) == DataResult(Verdict.LINE_TOO_LONG)
+    assert read([b"..bcd\r\n.\r\n"], line_limit=4) == ok(b".bcd\r\n")
+    long = b"x" * 5000
+    assert read([long + b"\r\n.\r\n"], line_limit=5000) == ok(long + b"\r\n")
 
 
 # -- bare CR / bare LF (SMTP smuggling defence) -----------------------------------------

@@ -381,3 +381,51 @@ async def test_a_duplicate_is_the_same_envelope_too(
     with psycopg.connect(pg_url) as conn:
         count = conn.execute("SELECT count(*) FROM messages").fetchone()
     assert count == (5,)
+
+
+async def test_hostile_input_is_refused_and_nothing_of_it_is_queued(
+    service: Service, account: dict[str, Any], pg_url: str
+) -> None:
+    """Through the running service: STARTTLS's 220 carries 2.0.0; a NUL in an address
+    and a UTF-8 address without SMTPUTF8 are refused; a message pipelined behind a
+    refused DATA ends the session and none of the commands inside it run."""
+    inner = (
+        b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+        + smtp.message()
+        + b".\r\n"
+    )
+
+    def session() -> tuple[bytes, list[int], list[int]]:
+        client = smtplib.SMTP("127.0.0.1", service.smtp_port, timeout=10)
+        client.ehlo("client.test")
+        _, ready = client.starttls(context=smtp.insecure_context())
+        client.ehlo("client.test")
+        smtp.login(client, "app", account["password"])
+
+        def raw(line: bytes) -> int:
+            client.send(line + b"\r\n")
+            return client.getreply()[0]
+
+        refused = [
+            raw(b"MAIL FROM:<alice\0x@example.com>"),
+            raw("MAIL FROM:<jörg@example.com>".encode()),
+            raw(b"MAIL FROM:<alice@example.com>"),
+            raw(b"RCPT TO:<bob\0by@example.org>"),
+        ]
+        client.send(b"DATA\r\n" + inner)
+        after = [client.getreply()[0] for _ in range(2)]
+        try:
+            after.append(client.getreply()[0])
+        except smtplib.SMTPServerDisconnected:
+            after.append(0)
+        client.close()
+        return ready, refused, after
+
+    with trio.fail_after(30):
+        ready, refused, after = await run(session)
+        await trio.sleep(0.5)
+    assert ready.startswith(b"2.0.0")
+    assert refused == [553, 553, 250, 553]
+    assert after == [503, 421, 0]
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)

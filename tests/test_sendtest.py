@@ -35,6 +35,7 @@ from smtpproxy.smtpclient import (
 from smtpproxy.store import key_for
 from tests.conftest import Service, make_config
 from tests.support.cli import Result, run_cli
+from tests.support.process import write_config
 
 TIMEOUT = 60
 
@@ -141,6 +142,30 @@ async def test_auth_plain_shows_every_reply_and_the_timing(
     assert text is not None
     # dot-stuffed on the wire, undone by the server: the same lines arrive
     assert text.get_content().replace("\r\n", "\n") == body
+
+
+async def test_without_host_and_port_it_uses_the_configs_listen_address(
+    service: Service, account: dict[str, Any], tmp_path: Path, pg_url: str
+) -> None:
+    """With no --host and --port, send-test connects where the config's smtp.listen
+    says (on loopback for a listener on every address), not to a fixed 2525."""
+    config = write_config(
+        tmp_path / "listen.toml", {"smtp": {"listen": [f"0.0.0.0:{service.smtp_port}"]}}
+    )
+    args = login_args(service.smtp_port)[2:]  # everything but --port
+    with trio.fail_after(TIMEOUT):
+        result = await trio.to_thread.run_sync(
+            partial(
+                run_cli,
+                config,
+                "send-test",
+                *args,
+                input=account["password"] + "\n",
+                timeout=TIMEOUT,
+            )
+        )
+    assert "accepted: 250" in succeeded(result)
+    assert len(rows(pg_url)) == 1
 
 
 async def test_auth_login_with_html_and_attachments_arrives_intact(

@@ -23,7 +23,8 @@ import attrs
 import typer
 from rich.text import Text
 
-from smtpproxy.cli.common import JsonOption, console, read_secret
+from smtpproxy.cli.common import JsonOption, config, console, read_secret
+from smtpproxy.config import Config
 from smtpproxy.errors import UsageError
 from smtpproxy.smtpclient import (
     Outcome,
@@ -501,22 +502,41 @@ def _check_options(
         )
 
 
+def _own_listener(cfg: Config, tls: TlsMode, port: int | None) -> tuple[str, int | None]:
+    """Where this configuration's smtpproxy listens: (host, port), the port given on the
+    command line winning. A listener on every address is reached on loopback."""
+    listeners = cfg.smtp.tls_listen if tls is TlsMode.implicit else cfg.smtp.listen
+    if not listeners:
+        return "127.0.0.1", port
+    first = listeners[0]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(first.host, first.host)  # noqa: S104
+    return host, port or first.port
+
+
 def register(app: typer.Typer) -> None:
     @app.command("send-test")
     def send_test(
+        ctx: typer.Context,
         sender: str = typer.Option(
             ..., "--from", metavar="ADDRESS", help="Sender (MAIL FROM and From:)."
         ),
         to: list[str] = typer.Option(
             ..., "--to", metavar="ADDRESS", help="Recipient; repeat for more."
         ),
-        host: str = typer.Option("127.0.0.1", "--host", help="Server to connect to."),
+        host: str | None = typer.Option(
+            None,
+            "--host",
+            help="Server to connect to \\[default: this smtpproxy's first smtp.listen "
+            "address, or smtp.tls_listen with --tls implicit].",
+            show_default=False,
+        ),
         port: int | None = typer.Option(
             None,
             "--port",
             min=1,
             max=65535,
-            help=f"Server port \\[default: {SMTPPROXY_PORT}, {SMTPS_PORT} with --tls implicit].",
+            help="Server port \\[default: the smtp.listen port without --host; with --host "
+            f"{SMTPPROXY_PORT}, {SMTPS_PORT} with --tls implicit].",
             show_default=False,
         ),
         tls: TlsMode = typer.Option(
@@ -601,6 +621,8 @@ def register(app: typer.Typer) -> None:
         recipients = tuple(_address(r, "--to") for r in to)
         attachments = _read_attachments(attach or [])
         password = _password(user, password_stdin)
+        if host is None:
+            host, port = _own_listener(config(ctx), tls, port)
         target = Target(
             host=host,
             port=port or (SMTPS_PORT if tls is TlsMode.implicit else SMTPPROXY_PORT),

@@ -10,8 +10,9 @@ bytes.find. It enforces, in one pass:
   closed without ever reading what follows as commands (Postfix smtpd_forbid_bare_newline);
 * the size limit, counted on the bytes as sent; beyond it the data is discarded while
   still looking for the end, so memory stays bounded;
-* the RFC 5321 4.5.3.1.6 line length limit: 998 octets plus CRLF, measured after
-  removing a stuffed dot (stock aiosmtpd lets every line have one octet more);
+* a line length limit (RFC 5322 2.1.1: 998 octets plus CRLF; smtp.max_line_length),
+  measured after removing a stuffed dot (stock aiosmtpd lets every line have one octet
+  more);
 * dot-unstuffing (RFC 5321 4.5.2).
 
 Bytes a client pipelined after the end of data are returned for the caller to push back.
@@ -47,7 +48,7 @@ class DataResult:
 class DataReader:
     """Feed it chunks until it returns a DataResult."""
 
-    def __init__(self, size_limit: int | None, line_limit: int = 1001) -> None:
+    def __init__(self, size_limit: int | None, line_limit: int = 998) -> None:
         self._limit = size_limit or 0
         self._line_limit = line_limit
         self._buf = bytearray(b"\r\n")  # virtual CRLF so an empty body matches too
@@ -116,8 +117,8 @@ class DataReader:
         if buf.startswith(b"."):
             del buf[0]
         content = bytes(buf.replace(b"\r\n.", b"\r\n"))
-        # lines are measured unstuffed: 998 octets + CRLF (the stuffed dot is transport)
-        longest_allowed = self._line_limit - 3
+        # lines are measured unstuffed, without CRLF (the stuffed dot is transport)
+        longest_allowed = self._line_limit
         if len(content) > longest_allowed and (
             max(map(len, content.split(b"\r\n"))) > longest_allowed
         ):

@@ -17,7 +17,15 @@ What differs from stock aiosmtpd:
 * implicit-TLS listeners count as TLS for AUTH;
 * STARTTLS goes through the loop's start_tls (uvloop's C TLS layer, ~50 KB a session,
   not asyncio's SSLProtocol with its 256 KiB buffer); a second STARTTLS is refused;
-* every 2xx/4xx/5xx reply carries an enhanced status code (ENHANCEDSTATUSCODES);
+* every 2xx/4xx/5xx reply carries an enhanced status code (ENHANCEDSTATUSCODES), the
+  220 that answers STARTTLS included; HELP works before AUTH;
+* an address is never changed: one with control characters (NUL) or invalid UTF-8 is
+  refused (553 5.1.3), and a UTF-8 one needs the SMTPUTF8 parameter (553 5.6.7);
+* a refused DATA with bytes pipelined after it (a client that sent its message
+  without waiting for 354) ends the session (421), so no line of that message is ever
+  read as a command;
+* DATA must keep up smtp.min_data_rate (421 4.4.2 when it falls behind), and a line
+  over smtp.max_line_length octets is refused with 554 5.6.0;
 * sessions over the connection limit, or arriving while draining, get 421, and so does
   a session idle past smtp.timeout before it is closed;
 * every reply is counted by command and code, and DATA-to-reply time is measured, for
@@ -50,6 +58,8 @@ _FAST_ADDR = re.compile(
     re.S,
 )
 _CHUNK = 65536
+# C0 controls and DEL, and the lone surrogates undecodable bytes become (surrogateescape)
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 class Gate:
@@ -114,6 +124,8 @@ class RelaySMTP(SMTP):
         gate: Gate,
         implicit_tls: bool = False,
         auth_requires_tls: bool = True,
+        max_line_length: int = 998,
+        min_data_rate: int = 500,
         **kwargs: Any,
     ) -> None:
         # AUTH requirements are enforced here (check_auth_needed, smtp_AUTH) so that
@@ -122,6 +134,8 @@ class RelaySMTP(SMTP):
         self._gate = gate
         self._implicit_tls = implicit_tls
         self._auth_requires_tls = auth_requires_tls
+        self._max_line_length = max_line_length
+        self._min_data_rate = min_data_rate
         self._counted = False
         self._ip = ""
         self._started = 0.0
@@ -238,7 +252,18 @@ class RelaySMTP(SMTP):
         if self.transport is not None:
             self._gate.metrics.reply(self._command, reply)
             self._writer.write(replies.with_enhanced_code(reply).encode() + b"\r\n")
+            self._close_session()
+
+    def _close_session(self) -> None:
+        """Close now and read nothing more. Closing the transport alone is not enough:
+        the session task would go on running whatever the client had already sent
+        (pipelined commands, the rest of a message) from the read buffer until the
+        close took effect; those bytes are dropped and the task is stopped."""
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        if self.transport is not None:
             self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
 
     def _refuse_session(self) -> str | None:
         gate = self._gate
@@ -256,8 +281,7 @@ class RelaySMTP(SMTP):
             self.sess.ended = "refused: " + refusal[:3]
             self._gate.metrics.reply("CONNECT", refusal)
             await self._send(refusal)
-            if self.transport is not None:
-                self.transport.close()
+            self._close_session()
             return
         await super()._handle_client()
 
@@ -266,7 +290,7 @@ class RelaySMTP(SMTP):
         await self.push(status)
         if status.startswith("421") and self.transport is not None:
             self.sess.ended = "closed after " + status[:9]
-            self.transport.close()
+            self._close_session()
 
     # -- replies -------------------------------------------------------------------
     async def push(self, status: str | bytes) -> None:
@@ -308,7 +332,7 @@ class RelaySMTP(SMTP):
         return self.is_tls() or not self._auth_requires_tls
 
     async def check_auth_needed(self, caller_method: str) -> bool:
-        if self.session is not None and self.session.authenticated:
+        if caller_method == "HELP" or (self.session is not None and self.session.authenticated):
             return False
         await self.push("530 5.7.0 Authentication required")
         return True
@@ -360,7 +384,7 @@ class RelaySMTP(SMTP):
         if self.is_tls():
             await self.push("554 5.5.1 Error: TLS already active")
             return
-        await self.push("220 Ready to start TLS")
+        await self.push(replies.STARTTLS_READY)
         plain = self.transport
         assert plain is not None  # a command is running, so the connection is open
         try:
@@ -474,6 +498,9 @@ class RelaySMTP(SMTP):
         if address is None:
             await self.push("553 5.1.3 Error: malformed address")
             return None
+        if _UNSAFE.search(address):
+            await self.push(replies.MALFORMED_ADDRESS)  # never rewritten into another one
+            return None
         if address == "" and not (null_ok and arg.lstrip().startswith("<>")):
             await self.push(syntaxerr)
             return None
@@ -502,6 +529,9 @@ class RelaySMTP(SMTP):
         smtputf8 = params.pop("SMTPUTF8", False)
         if smtputf8 is not False and smtputf8 is not True:
             await self.push("501 5.5.4 Error: SMTPUTF8 takes no arguments")
+            return
+        if not smtputf8 and not address.isascii():
+            await self.push(replies.NEEDS_SMTPUTF8)
             return
         params.pop("AUTH", None)  # RFC 4954 5: we trust our own AUTH, not the client's claim
         size = params.pop("SIZE", None)
@@ -539,6 +569,9 @@ class RelaySMTP(SMTP):
         if params:
             await self.push("555 5.5.4 RCPT TO parameters not recognized or not implemented")
             return
+        if not self.env.smtp_utf8 and not address.isascii():
+            await self.push(replies.NEEDS_SMTPUTF8)
+            return
         status = await self._call_handler_hook("RCPT", address, options)
         if status is MISSING:
             status = replies.RECIPIENT_OK
@@ -551,12 +584,15 @@ class RelaySMTP(SMTP):
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            await self._refused_data()
             return
         if not self.env.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
+            await self._refused_data()
             return
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
+            await self._refused_data()
             return
         self._gate.in_data += 1
         try:
@@ -564,14 +600,36 @@ class RelaySMTP(SMTP):
         finally:
             self._gate.in_data -= 1
 
+    async def _refused_data(self) -> None:
+        """DATA was refused. A client that already sent more (its message, without
+        waiting for 354: RFC 2920 makes DATA the last command of a group) would have
+        every line of that message read as a command, MAIL/RCPT/DATA in it included:
+        hang up instead, as Postfix does on improper pipelining."""
+        if self._reader._buffer and self.transport is not None:  # type: ignore[attr-defined]
+            self.sess.ended = "improper pipelining"
+            await self.push(replies.IMPROPER_PIPELINING)
+            self._close_session()
+
     async def _receive_data(self) -> None:
         await self._push_raw("354 End data with <CR><LF>.<CR><LF>")
-        reader = DataReader(self.data_size_limit, self.line_length_limit)
+        reader = DataReader(self.data_size_limit, self._max_line_length)
+        # past the idle timeout, the data must keep up min_data_rate: a client trickling
+        # a byte at a time cannot hold its connection slot for the whole session
+        started, received = time.monotonic(), 0
         while True:
             chunk = await self._reader.read(_CHUNK)
             if not chunk:
                 return  # EOF: the session is over
             self._reset_timeout()  # the idle timeout counts from the last bytes received
+            received += len(chunk)
+            if self._min_data_rate and time.monotonic() - started > (
+                self._timeout_duration + received / self._min_data_rate
+            ):
+                self.sess.ended = "data too slow"
+                await self.push(replies.DATA_TOO_SLOW)
+                self._set_post_data_state()
+                self._close_session()
+                return
             result = reader.feed(chunk)
             if result is not None:
                 break
@@ -580,8 +638,7 @@ class RelaySMTP(SMTP):
             # read anything after this as commands
             await self.push(replies.BARE_NEWLINE)
             self._set_post_data_state()
-            if self.transport is not None:
-                self.transport.close()
+            self._close_session()
             return
         if result.leftover:  # commands the client pipelined after the final dot
             self._reader._buffer[0:0] = result.leftover  # type: ignore[attr-defined]
@@ -590,7 +647,7 @@ class RelaySMTP(SMTP):
             self._set_post_data_state()
             return
         if result.verdict is Verdict.LINE_TOO_LONG:
-            await self.push(replies.LINE_TOO_LONG)
+            await self.push(replies.LINE_TOO_LONG.format(limit=self._max_line_length))
             self._set_post_data_state()
             return
         self.env.content = self.env.original_content = result.content

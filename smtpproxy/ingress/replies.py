@@ -62,7 +62,15 @@ RECIPIENT_UNQUALIFIED = (
 SENDER_DENIED = "550 5.7.1 Sender address not allowed for this account"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-LINE_TOO_LONG = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
+LINE_TOO_LONG = (
+    "554 5.6.0 Message has a line longer than {limit} octets (RFC 5322 2.1.1); wrap the"
+    " lines or encode the part (quoted-printable, base64)"
+)
+MALFORMED_ADDRESS = "553 5.1.3 Address contains control characters or invalid UTF-8"
+NEEDS_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send a UTF-8 address"
+IMPROPER_PIPELINING = "421 4.5.0 Improper command pipelining after DATA, closing connection"
+DATA_TOO_SLOW = "421 4.4.2 Message data arriving too slowly, closing connection"
+STARTTLS_READY = "220 2.0.0 Ready to start TLS"
 BARE_NEWLINE = "550 5.5.2 Bare CR or LF in message data is not allowed (RFC 5321 2.3.8)"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_FROM_ADDRESS = "421 4.7.0 Too many connections from your address, try again later"

@@ -207,6 +207,8 @@ async def run_ingress(
                     gate=gate,
                     implicit_tls=implicit,
                     auth_requires_tls=not smtp.allow_plaintext_auth,
+                    max_line_length=smtp.max_line_length,
+                    min_data_rate=smtp.min_data_rate,
                     hostname=hostname,
                     ident="smtpproxy ESMTP",
                     tls_context=None if implicit else server_tls.context,

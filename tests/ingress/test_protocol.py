@@ -3,7 +3,8 @@
 RelaySMTP overrides DATA, MAIL, RCPT, AUTH and EHLO and relies on aiosmtpd internals,
 so these tests pin its behaviour to stock aiosmtpd's where they must agree (the bytes a
 valid message arrives as, the reply class, what happens to pipelined commands) and
-name the places where RelaySMTP is deliberately stricter (bare CR/LF, a 999-octet line).
+name the places where RelaySMTP is deliberately stricter (bare CR/LF, a 999-octet line,
+addresses it would otherwise rewrite, data pipelined after a refused DATA).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import base64
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -156,7 +158,9 @@ SAME = {
     "998-octet line": b"a" * 998 + b"\r\n.\r\n",
     "stuffed 998-octet line": b"." + b"." * 998 + b"\r\n.\r\n",
     "8-bit bytes": "Grüße, ☃\r\n".encode() + b"\xff\xfe\r\n.\r\n",
-    "exactly at the size limit": b"x" * (LIMIT - 2) + b"\r\n.\r\n",
+    "exactly at the size limit": (b"x" * 98 + b"\r\n") * (LIMIT // 100)
+    + b"x" * (LIMIT % 100 - 2)
+    + b"\r\n.\r\n",
     "over the size limit": (b"x" * 98 + b"\r\n") * (LIMIT // 100 + 1) + b".\r\n",
     "way over the size limit": (b"y" * 998 + b"\r\n") * 50 + b".\r\n",
     "pipelined after the dot": b"body\r\n.\r\nNOOP\r\n",
@@ -205,10 +209,12 @@ def test_bare_newlines_are_refused_where_stock_accepts(servers: Any, wire: bytes
 
 
 def test_999_octet_line_is_refused_where_stock_accepts(servers: Any) -> None:
-    """RFC 5321 allows 998 octets plus CRLF; stock aiosmtpd lets one more through."""
+    """RFC 5322 allows 998 octets plus CRLF; stock aiosmtpd lets one more through. The
+    refusal names the problem (554 5.6.0), not an unknown command (500), and the session
+    goes on."""
     (s_code, _, _), (r_code, r_after, r_content) = run_both(servers, b"a" * 999 + b"\r\n.\r\n")
     assert s_code == 250
-    assert r_code == 500 and r_after == 250 and r_content == []
+    assert r_code == 554 and r_after == 250 and r_content == []
 
 
 def test_null_sender(servers: Any) -> None:
@@ -245,3 +251,105 @@ def check_codes(client: Client) -> None:
         got, text = client.cmd(line)
         assert got == code, (line, got, text)
         assert text[:1] == str(code)[0] and text[1] == "." and text.split()[0].count(".") == 2, text
+
+
+BAD_ADDRESSES = {
+    "NUL": b"bob\x00by@example.org",
+    "invalid UTF-8": b"\xff\xfeuser@example.org",
+    "control character": b"bob\x01by@example.org",
+}
+
+
+@pytest.mark.parametrize("address", BAD_ADDRESSES.values(), ids=BAD_ADDRESSES.keys())
+def test_an_address_is_refused_never_rewritten(servers: Any, address: bytes) -> None:
+    """A NUL, a control character or invalid UTF-8 in an address is refused (553 5.1.3),
+    in MAIL and in RCPT, even with SMTPUTF8: the relay must not deliver to another
+    address than the one it was given."""
+    with Client(servers[1][0].port, auth=True) as client:
+        code, text = client.cmd(b"MAIL FROM:<" + address + b"> SMTPUTF8")
+        assert (code, text[:5]) == (553, "5.1.3")
+        assert client.cmd(b"MAIL FROM:<a@example.com> SMTPUTF8")[0] == 250
+        code, text = client.cmd(b"RCPT TO:<" + address + b">")
+        assert (code, text[:5]) == (553, "5.1.3")
+        assert client.cmd(b"RCPT TO:<b@example.org>")[0] == 250
+
+
+def test_utf8_addresses_need_the_smtputf8_parameter(servers: Any) -> None:
+    """A UTF-8 address is refused with 553 5.6.7 unless MAIL declared SMTPUTF8 (as
+    Postfix does), and taken when it did."""
+    with Client(servers[1][0].port, auth=True) as client:
+        code, text = client.cmd("MAIL FROM:<jörg@example.com>".encode())
+        assert (code, text[:5]) == (553, "5.6.7")
+        assert client.cmd(b"MAIL FROM:<a@example.com>")[0] == 250
+        code, text = client.cmd("RCPT TO:<zoë@example.org>".encode())
+        assert (code, text[:5]) == (553, "5.6.7")
+        assert client.cmd(b"RSET")[0] == 250
+        assert client.cmd("MAIL FROM:<jörg@example.com> SMTPUTF8".encode())[0] == 250
+        assert client.cmd("RCPT TO:<zoë@example.org>".encode())[0] == 250
+        assert client.cmd(b"DATA")[0] == 354
+        client.sock.sendall(b"hi\r\n.\r\n")
+        assert client.reply()[0] == 250
+    assert servers[1][1].senders == ["jörg@example.com"]
+
+
+def test_a_message_pipelined_after_a_refused_data_is_never_read_as_commands(
+    servers: Any,
+) -> None:
+    """DATA refused (no recipient) with the message already sent behind it: the session
+    ends (421) instead of running the MAIL/RCPT/DATA inside that message."""
+    inner = b"MAIL FROM:<x@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\nevil\r\n.\r\n"
+    with Client(servers[1][0].port, auth=True) as client:
+        assert client.cmd(b"MAIL FROM:<a@example.com>")[0] == 250
+        client.sock.sendall(b"RCPT TO:<>\r\nDATA\r\n" + inner + b"QUIT\r\n")
+        codes = [client.reply()[0] for _ in range(4)]
+    assert codes[:3] == [501, 503, 421]
+    assert codes[3] == 0  # closed: nothing more was answered
+    assert servers[1][1].contents == []
+
+
+def test_help_works_before_auth(servers: Any) -> None:
+    """HELP is advertised in EHLO, so it must answer before AUTH too."""
+    with Client(servers[1][0].port, auth=False) as client:
+        assert client.cmd(b"HELP")[0] == 250
+        assert client.cmd(b"HELP MAIL")[0] == 250
+
+
+def test_data_trickling_below_the_minimum_rate_is_cut_off() -> None:
+    """A client trickling message data (a byte at a time, each before the idle timeout)
+    is told 421 4.4.2 once it falls behind timeout + bytes / min_data_rate."""
+    cap = Capture()
+    server = Server(
+        lambda loop: RelaySMTP(
+            cap,
+            gate=Gate(10),
+            auth_requires_tls=False,
+            loop=loop,
+            hostname="r",
+            timeout=1,
+            min_data_rate=100,
+        )
+    )
+    try:
+        with Client(server.port, auth=True) as client:
+            assert client.cmd(b"MAIL FROM:<a@example.com>")[0] == 250
+            assert client.cmd(b"RCPT TO:<b@example.org>")[0] == 250
+            assert client.cmd(b"DATA")[0] == 354
+            started = time.monotonic()
+            code, text = 0, ""
+            for _ in range(100):  # 0.2 s a byte: never idle for 1 s, 5 bytes a second
+                try:
+                    client.sock.sendall(b"x")
+                except OSError:
+                    break
+                client.sock.settimeout(0.2)
+                try:
+                    code, text = client.reply()
+                    break
+                except TimeoutError:
+                    continue
+            took = time.monotonic() - started
+    finally:
+        server.close()
+    assert (code, text[:5]) == (421, "4.4.2")
+    assert 1 <= took < 3
+    assert cap.contents == []
