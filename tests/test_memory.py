@@ -1,4 +1,5 @@
-"""glibc's mmap threshold is pinned, so big freed blocks go back to the system."""
+"""glibc's mmap threshold is pinned, so big freed blocks go back to the system; and after a
+burst of sessions, freed memory is trimmed."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from smtpproxy import memory
 
 # allocate and free a scrypt-sized block a few times, as password checks do, and print
 # how much resident memory that left behind
@@ -48,3 +51,20 @@ def test_without_pinning_glibc_keeps_them() -> None:
         pytest.skip("not glibc")
     _, left = probe("free")
     assert left >= 8 << 20
+
+
+def test_trim_after_a_burst_not_during_it() -> None:
+    """A trim is due once enough sessions ended and the live ones fell to half their
+    peak; not while a burst is still open, and not again until more sessions end."""
+    policy = memory.AfterBursts(min_ended=500)
+    assert not policy.due(ended=0, live=2000)  # the burst is open
+    assert not policy.due(ended=400, live=1600)  # too few ended yet
+    assert not policy.due(ended=900, live=1100)  # still above half the peak
+    assert policy.due(ended=1900, live=100)  # it is over
+    assert not policy.due(ended=2000, live=0)  # nothing much since
+    assert not policy.due(ended=2600, live=600)  # a new burst
+    assert policy.due(ended=3000, live=200)
+
+
+def test_trim_runs() -> None:
+    assert memory.trim() in (True, False)

@@ -80,6 +80,7 @@ class Gate:
         self.max_session_duration = max_session_duration
         self.max_queue_depth = max_queue_depth
         self.sessions = 0
+        self.ended = 0  # sessions over since start
         self.per_ip: dict[str, int] = {}
         self.in_data = 0
         self.draining = False
@@ -137,12 +138,14 @@ class RelaySMTP(SMTP):
         self._max_line_length = max_line_length
         self._min_data_rate = min_data_rate
         self._counted = False
+        self._watching = False  # _release is due when the session task ends
         self._ip = ""
         self._started = 0.0
         self._deadline: asyncio.TimerHandle | None = None
         # per instance: aiosmtpd's class-level dict is shared by every session
+        limit = self.command_size_limit  # not self: no cycle through the factory
         self.command_size_limits = collections.defaultdict(
-            lambda: self.command_size_limit, {"MAIL": 1024, "RCPT": 1024}
+            lambda: limit, {"MAIL": 1024, "RCPT": 1024}
         )
         # replies are counted under the command they answer
         self._command = "CONNECT"
@@ -196,12 +199,17 @@ class RelaySMTP(SMTP):
                     gate.max_session_duration, self._session_too_long
                 )
         super().connection_made(transport)
+        task = self._handler_coroutine
+        if task is not None and not self._watching:  # the first connection_made
+            self._watching = True
+            task.add_done_callback(lambda _: self._release())
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted:
             self._counted = False
             gate = self._gate
             gate.sessions -= 1
+            gate.ended += 1
             left = gate.per_ip.get(self._ip, 1) - 1
             if left:
                 gate.per_ip[self._ip] = left
@@ -212,6 +220,26 @@ class RelaySMTP(SMTP):
                 self._deadline.cancel()
             self._log_session()
         super().connection_lost(error)
+        self._release()
+
+    def _release(self) -> None:
+        """Once the session is over (connection lost and its task finished), drop what
+        ties this protocol to itself: aiosmtpd's tables of bound methods, its stream
+        writer and callbacks all point back here. Left as cycles, every session's TLS
+        state and buffers waited for a full garbage collection: 2,000 STARTTLS
+        sessions left ~100 MB resident after they closed."""
+        task = self._handler_coroutine
+        if self.transport is not None or task is None or not task.done():
+            return
+        self._smtp_methods = {}
+        self._auth_methods = {}
+        self._handler_coroutine = None
+        self._client_connected_cb = None
+        self._writer = None  # type: ignore[assignment]
+        self._tls_protocol = None
+        self._original_transport = None
+        self._timeout_handle = None
+        self._deadline = None
 
     def eof_received(self) -> bool | None:
         """The client closed its side: end the session. aiosmtpd cancels the session

@@ -22,6 +22,7 @@ import trio
 import uvloop
 from loguru import logger
 
+from smtpproxy import memory
 from smtpproxy.config import HostPort
 from smtpproxy.errors import ConfigError, ListenError
 from smtpproxy.ingress import bridge, tls
@@ -156,6 +157,15 @@ class IngressThread:
         self._thread.join(timeout=10)
 
 
+async def _give_back_memory(gate: Gate) -> None:
+    """After a burst of sessions, return the memory they freed (memory.AfterBursts)."""
+    policy = memory.AfterBursts()
+    while True:
+        await trio.sleep(1)
+        if policy.due(gate.ended, gate.sessions):
+            await trio.to_thread.run_sync(memory.trim)
+
+
 async def run_ingress(
     res: Resources,
     listeners: list[Listener] | None = None,
@@ -189,6 +199,7 @@ async def run_ingress(
             nursery.start_soon(committer.run, commit_recv.clone())
         if smtp.max_queue_depth:
             await nursery.start(guard.run_backlog_monitor)
+        nursery.start_soon(_give_back_memory, gate)
         handler = IngressHandler(
             commit=bridge.Portal(loop, token, bridge.channel_sink(commit_send)),
             calls=bridge.Portal(loop, token, bridge.call_sink(nursery, loop)),

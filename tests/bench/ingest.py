@@ -16,6 +16,7 @@ fair figure to compare with Postfix, whose queue is its own files.
     just bench --rate 1000                       # latency at a fixed offered load
     just bench --new-connection --tls            # a new STARTTLS + AUTH session per message
     just bench --idle 1000                       # memory with 1,000 idle sessions
+    just bench --idle 2000 --tls --bursts 3      # and what bursts of STARTTLS sessions leave
     just bench --processes 2                     # two smtpproxy processes on one port
     just bench --compare-postfix                 # the same load on Postfix's smtpd, then the ratio
     just bench --target postfix --generator smtp-source   # Postfix driven by its own smtp-source
@@ -150,20 +151,35 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure_idle(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Resident memory before, while `--idle` sessions are open, and after they closed
+    (once per burst with --bursts): what a burst of connections leaves behind."""
     inst = start(kind, args)
     try:
         before = inst.rss_mb()
+        during: list[float] = []
+        after: list[float] = []
 
-        async def hold() -> float:
-            sessions = await hold_idle(target_of(inst, args), args.idle)
-            rss = inst.rss_mb()
-            await close_all(sessions)
-            return rss
+        async def hold() -> None:
+            for _ in range(args.bursts):
+                sessions = await hold_idle(target_of(inst, args), args.idle)
+                during.append(inst.rss_mb())
+                await close_all(sessions)
+                await asyncio.sleep(IDLE_SETTLE)
+                after.append(inst.rss_mb())
 
-        during = asyncio.run(hold())
-        return {"target": kind, "idle": args.idle, "rss_before": before, "rss_idle": during}
+        asyncio.run(hold())
+        return {
+            "target": kind,
+            "idle": args.idle,
+            "rss_before": before,
+            "rss_idle": max(during),
+            "rss_after": after,
+        }
     finally:
         inst.close()
+
+
+IDLE_SETTLE = 5.0  # seconds after a burst closed before its leftover memory is measured
 
 
 def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
@@ -220,6 +236,9 @@ def main() -> None:
     p.add_argument("--compare-postfix", action="store_true", help="then Postfix; the ratio")
     p.add_argument("--idle", type=int, default=0, help="hold N idle sessions; report memory")
     p.add_argument(
+        "--bursts", type=int, default=1, help="with --idle: open and close them this many times"
+    )
+    p.add_argument(
         "--at-rest",
         action="store_true",
         help=f"wait until {FS_SETTLE_SECONDS} s after a benchmark last deleted its files",
@@ -266,7 +285,8 @@ def main() -> None:
             print(
                 f"[{r['target']}] {r['idle']} idle sessions"
                 f"{' (STARTTLS + AUTH)' if args.tls else ''}: resident memory "
-                f"{r['rss_before']:.0f} MB before, {r['rss_idle']:.0f} MB while they are open"
+                f"{r['rss_before']:.0f} MB before, {r['rss_idle']:.0f} MB while they are open, "
+                f"after each burst closed: {', '.join(f'{m:.0f}' for m in r['rss_after'])} MB"
             )
             return
         results = [measure(args.target, args)]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -353,3 +355,32 @@ def test_data_trickling_below_the_minimum_rate_is_cut_off() -> None:
     assert (code, text[:5]) == (421, "4.4.2")
     assert 1 <= took < 3
     assert cap.contents == []
+
+
+def test_a_finished_session_is_freed_without_a_garbage_collection() -> None:
+    """When a session ends, its protocol (with its TLS state and buffers) is freed by
+    reference counting at once: no reference cycle keeps it for the next full garbage
+    collection (2,000 closed STARTTLS sessions used to hold ~100 MB until then)."""
+    made: list[weakref.ref[RelaySMTP]] = []
+
+    def factory(loop: asyncio.AbstractEventLoop) -> RelaySMTP:
+        protocol = RelaySMTP(Capture(), gate=Gate(10), auth_requires_tls=False, loop=loop)
+        made.append(weakref.ref(protocol))
+        return protocol
+
+    server = Server(factory)
+    gc.disable()
+    try:
+        for quit_first in (True, False):
+            with Client(server.port, auth=True) as client:
+                assert client.cmd(b"MAIL FROM:<a@example.com>")[0] == 250
+                if quit_first:
+                    assert client.cmd(b"QUIT")[0] == 221
+        deadline = time.monotonic() + 5
+        while any(ref() is not None for ref in made) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = [ref() is not None for ref in made]
+    finally:
+        gc.enable()
+        server.close()
+    assert alive == [False, False]
