@@ -25,6 +25,11 @@ fmt:
 bench *args:
     uv run python -m tests.bench.ingest "$@"
 
+# relay benchmark: accept and deliver through a provider API, against Postfix relaying
+# (issue 12's figures; see tests/bench/relay.py for the options)
+bench-relay *args:
+    uv run python -m tests.bench.relay "$@"
+
 # every ingest figure the README quotes, one after another (about 25 minutes: each run
 # that writes files waits 5 minutes after the previous one deleted its own, see
 # tests/bench/targets.py; run it on an otherwise idle machine; the Postfix runs need the

@@ -32,7 +32,8 @@ class Target:
 
 def message(size: int) -> tuple[bytes, bytes]:
     """Headers (with a %s for a unique Message-ID) and a body of whole CRLF lines, about
-    size bytes in all."""
+    size bytes in all. Each message sent gets its own Message-ID and a first body line
+    of its own: identical messages would be collapsed by duplicate detection."""
     head = (
         b"From: Bench <bench@example.com>\r\nTo: sink@example.org\r\n"
         b"Subject: benchmark\r\nMessage-ID: <%s@bench>\r\n\r\n"
@@ -146,7 +147,8 @@ async def load(
                 await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
             if new_connection:
                 await session.open()
-            ok, latency = await session.send(head % secrets.token_hex(8).encode() + text)
+            token = secrets.token_hex(8).encode()
+            ok, latency = await session.send(head % token + b"Unique: " + token + b"\r\n" + text)
             latencies.append(latency)
             if ok:
                 accepted += 1

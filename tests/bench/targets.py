@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import redis
@@ -76,7 +77,9 @@ def free_port() -> int:
 class SmtpProxyInstance:
     """`smtpproxy run` with its own database, key prefix and data directory; delivery
     off unless `deliver`, so only ingest is measured. With processes > 1, that many
-    `smtpproxy run` processes share one port (smtp.reuse_port)."""
+    `smtpproxy run` processes share one port (smtp.reuse_port). `settings` are merged
+    into its config file (sections as dicts: a provider, delivery.concurrency, ...);
+    restart() starts it again on the same database, queue and store with changes."""
 
     name = "smtpproxy"
 
@@ -90,11 +93,11 @@ class SmtpProxyInstance:
         max_connections: int = 1000,
         env: dict[str, str] | None = None,
         processes: int = 1,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         from smtpproxy import admin
         from smtpproxy.db import migrate
         from smtpproxy.passwords import hash_password
-        from tests.support.process import SmtpProxyProcess, write_config
 
         tag = secrets.token_hex(4)
         self.admin_url = admin_url
@@ -113,33 +116,59 @@ class SmtpProxyInstance:
         with psycopg.connect(self.url, autocommit=True) as conn:
             admin.add_tenant(conn, "bench")
             admin.add_account(conn, "bench", "bench", hash_password(self.password), [])
-        config = write_config(
-            Path(self.tmp.name) / "smtpproxy.toml",
-            {
-                "data_dir": str(Path(self.tmp.name) / "data"),
-                "smtp": {
-                    "listen": [f"127.0.0.1:{free_port() if processes > 1 else 0}"],
-                    "reuse_port": processes > 1,
-                    "allow_plaintext_auth": not tls,
-                    "max_connections": max_connections,
-                    "max_connections_per_ip": max_connections,
-                },
-                "database": {"url": self.url, "pool_max": 10},
-                "redis": {"url": redis_url, "key_prefix": self.prefix},
-                "delivery": {"enabled": deliver},
-                "health": {"listen": ""},
-                "log": {"level": "WARNING"},
+        self._env = env or {}
+        self._processes = processes
+        self._settings: dict[str, Any] = {
+            "data_dir": str(Path(self.tmp.name) / "data"),
+            "smtp": {
+                "listen": [f"127.0.0.1:{free_port() if processes > 1 else 0}"],
+                "reuse_port": processes > 1,
+                "allow_plaintext_auth": not tls,
+                "max_connections": max_connections,
+                "max_connections_per_ip": max_connections,
             },
-        )
+            "database": {"url": self.url, "pool_max": 10},
+            "redis": {"url": redis_url, "key_prefix": self.prefix},
+            "delivery": {"enabled": deliver},
+            "health": {"listen": ""},
+            "log": {"level": "WARNING"},
+        }
+        self.procs: list[Any] = []
+        self._start(settings or {})
+
+    def _start(self, settings: dict[str, Any]) -> None:
+        from tests.support.process import SmtpProxyProcess, write_config
+
+        for section, values in settings.items():
+            current = self._settings.get(section)
+            if isinstance(values, dict) and isinstance(current, dict):
+                self._settings[section] = {**current, **values}
+            else:
+                self._settings[section] = values
+        config = write_config(Path(self.tmp.name) / "smtpproxy.toml", self._settings)
         # the bench reads the listening port from the log
         self.procs = [
-            SmtpProxyProcess(config, {"SMTPPROXY_LOG_LEVEL": "INFO", **(env or {})})
-            for _ in range(processes)
+            SmtpProxyProcess(config, {"SMTPPROXY_LOG_LEVEL": "INFO", **self._env})
+            for _ in range(self._processes)
         ]
         for proc in self.procs:
             proc.wait_ready(60)
         self.port = self.procs[0].smtp_port
         self.pids = [proc.proc.pid for proc in self.procs]
+
+    def restart(self, settings: dict[str, Any]) -> None:
+        """Stop (SIGTERM) and start again with these settings merged in."""
+        for proc in self.procs:
+            proc.stop(signal.SIGTERM)
+        self._start(settings)
+
+    def count(self, status: str) -> int:
+        """Messages PostgreSQL holds in this status."""
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM messages WHERE status = %s", (status,)
+            ).fetchone()
+        return int(row[0]) if row else 0
 
     def cpu_seconds(self) -> float:
         return sum(process_cpu_seconds(pid) for pid in self.pids)
@@ -209,6 +238,27 @@ showq     unix  n - n - - showq
 """
 
 
+# relaying: everything to one next hop (smtp-sink), no DNS; the queue manager and the
+# SMTP client run, with Postfix's defaults for concurrency and connection reuse
+_RELAY_MAIN_CF = """\
+relayhost = [127.0.0.1]:{sink}
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+default_transport = smtp
+relay_transport = smtp
+"""
+
+_RELAY_MASTER_CF = """\
+qmgr      unix  n - n 300 1 qmgr
+smtp      unix  - - n - - smtp
+relay     unix  - - n - - smtp
+scache    unix  - - n - 1 scache
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+"""
+
+
 class PostfixUnavailable(RuntimeError):
     pass
 
@@ -220,7 +270,8 @@ class PostfixInstance:
 
     name = "postfix"
 
-    def __init__(self, processes: int = 200) -> None:
+    def __init__(self, processes: int = 200, relay_to: int | None = None) -> None:
+        """relay_to: a port on 127.0.0.1 to relay every message to (else: hold them)."""
         if shutil.which("postfix") is None:
             raise PostfixUnavailable("postfix is not installed (apt-get install postfix)")
         if os.geteuid() != 0:
@@ -234,8 +285,17 @@ class PostfixInstance:
         (root / "data").mkdir()
         shutil.chown(root / "data", "postfix")
         self.port = free_port()
-        (self.conf / "main.cf").write_text(_MAIN_CF.format(root=root))
-        (self.conf / "master.cf").write_text(_MASTER_CF.format(port=self.port, processes=processes))
+        main_cf = _MAIN_CF.format(root=root)
+        master_cf = _MASTER_CF.format(port=self.port, processes=processes)
+        if relay_to is not None:
+            main_cf = main_cf.replace(
+                "smtpd_data_restrictions = check_client_access static:HOLD\n", ""
+            )
+            main_cf += _RELAY_MAIN_CF.format(sink=relay_to)
+            master_cf += _RELAY_MASTER_CF
+        (self.conf / "main.cf").write_text(main_cf)
+        (self.conf / "master.cf").write_text(master_cf)
+        self.queue = root / "queue"
         self.hold = root / "queue" / "hold"
         self._postfix("start")
         pid_file = root / "queue" / "pid" / "master.pid"
@@ -279,6 +339,19 @@ class PostfixInstance:
     def stored(self) -> int:
         """Messages in the hold queue."""
         return sum(len(files) for _root, _dirs, files in os.walk(self.hold))
+
+    def queued(self) -> int:
+        """Messages still in the queue (received, not yet delivered or bounced)."""
+        return sum(
+            len(files)
+            for name in ("maildrop", "incoming", "active", "deferred", "hold")
+            for _root, _dirs, files in os.walk(self.queue / name)
+        )
+
+    def sent(self) -> int:
+        """Deliveries the log records as sent."""
+        log = Path(self.tmp.name) / "maillog"
+        return log.read_text().count(" status=sent ") if log.exists() else 0
 
     def close(self) -> None:
         self._postfix("stop")
