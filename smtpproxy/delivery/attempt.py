@@ -1,8 +1,9 @@
-"""One delivery attempt of a claimed message: body, route, provider (with fallbacks), record.
+"""One delivery attempt of a claimed message: body, route, provider (with fallbacks), and
+the Finish that records it (delivery/records.py; the recorder writes it).
 
-* The body is read from the store, retried after delivery.body_read_retries; a body
-  still missing then is a storage_error (dead-lettered), a store that is down is a
-  transient failure.
+* The body comes read (the consumer reads a batch's bodies at once); a missing one is
+  read again after delivery.body_read_retries, and still missing then is a
+  storage_error (dead-lettered); a store that is down is a transient failure.
 * Routing picks a provider per recipient (or the replay override of `dlq retry
   --to-provider`); recipients on different providers, or more than a provider takes in
   one request, are split into child messages.
@@ -16,21 +17,24 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
 import trio
 
-from smtpproxy.delivery import providers, routing
+from smtpproxy.delivery import providers, records, routing
 from smtpproxy.delivery.breaker import ProviderHealth
 from smtpproxy.delivery.directory import ProviderPool, Snapshot
-from smtpproxy.delivery.records import Claimed, Recorder
-from smtpproxy.delivery.retry import Decision
+from smtpproxy.delivery.records import Claimed, Finish, LogRow
+from smtpproxy.delivery.retry import Decision, RetryPolicy
 from smtpproxy.errors import BodyNotFound, StoreUnavailable
 from smtpproxy.models import Outcome, OutcomeKind, Status
 from smtpproxy.resources import Resources
+from smtpproxy.store.base import StoreError
 
 NO_ROUTE = "no routing rule matches and no default route"
+BODY_MISSING = "body missing from the message store"
 
 
 class Deliverer:
@@ -40,22 +44,31 @@ class Deliverer:
         snapshot: Any,  # an object with a current `.snapshot` (DirectoryHolder)
         pool: ProviderPool,
         health: ProviderHealth,
-        recorder: Recorder,
+        policy: RetryPolicy,
     ) -> None:
         self._res = res
         self._directory = snapshot
         self._pool = pool
         self._health = health
-        self._rec = recorder
+        self._policy = policy
         cfg = res.cfg.delivery
         self._body_retries = cfg.body_read_retries
         self._provider_wait = cfg.provider_wait
         self._concurrency = cfg.concurrency
 
-    async def deliver(self, msg: Claimed, log: Any) -> None:
-        body = await self._read_body(msg, log)
-        if body is None:
-            return
+    async def deliver(self, msg: Claimed, body: bytes | StoreError, log: Any) -> Finish:
+        """One attempt; body is what the batch read found (bytes, BodyNotFound or
+        StoreUnavailable)."""
+        if isinstance(body, BodyNotFound):
+            body = await self._read_again(msg, log)
+        if isinstance(body, StoreUnavailable):
+            return records.attempt(msg, "", Outcome.retry(str(body)), self._policy)
+        if not isinstance(body, bytes):
+            log.error("{}; dead-lettered", BODY_MISSING)
+            decision = Decision(Status.STORAGE_ERROR, reason=BODY_MISSING)
+            return records.attempt(
+                msg, "", Outcome.permanent(BODY_MISSING), self._policy, decision=decision
+            )
         snapshot: Snapshot = self._directory.snapshot
         if msg.route_override:
             groups = [routing.RouteGroup(msg.route_override, msg.rcpt_to)]
@@ -72,11 +85,10 @@ class Deliverer:
         if unrouted:
             chunks.append(tuple(unrouted))
         if len(chunks) > 1:
-            await self._rec.split(msg, chunks, log)
-        elif unrouted:
-            await self._rec.outcome(msg, "", Outcome.permanent(NO_ROUTE), log=log)
-        else:
-            await self._send(msg, groups[0], body, snapshot, log)
+            return records.split(msg, chunks)
+        if unrouted:
+            return records.attempt(msg, "", Outcome.permanent(NO_ROUTE), self._policy)
+        return await self._send(msg, groups[0], body, snapshot, log)
 
     def _chunks(
         self, snapshot: Snapshot, tenant_id: int, groups: list[routing.RouteGroup]
@@ -96,10 +108,10 @@ class Deliverer:
 
     async def _send(
         self, msg: Claimed, group: routing.RouteGroup, body: bytes, snapshot: Snapshot, log: Any
-    ) -> None:
+    ) -> Finish:
         passed_over: list[str] = []  # why earlier candidates were not used
+        failovers: list[tuple[LogRow, int]] = []
         wait_for_circuit: float | None = None
-        failed_over = False  # a provider failed transiently and the next one was tried
         candidates = [group.provider, *group.fallbacks]
         for i, name in enumerate(candidates):
             last = i == len(candidates) - 1
@@ -119,8 +131,8 @@ class Deliverer:
             ceiling = min(spec.positive_int("max_connections", default), self._concurrency)
             throttle = self._health.throttle(key, ceiling)
             if not await throttle.acquire(self._provider_wait):
-                await self._rec.release(msg, f"provider {name} is at its concurrency limit", log)
-                return
+                jitter = random.uniform(5.0, 15.0)  # noqa: S311 - not for security
+                return records.release(msg, f"provider {name} is at its concurrency limit", jitter)
             now = trio.current_time()
             if not breaker.allow(now):
                 throttle.release(None)
@@ -135,26 +147,35 @@ class Deliverer:
             throttle.release(not transient)
             breaker.record(not transient, trio.current_time())
             if transient and not last:
-                await self._rec.failover(msg, name, outcome, duration_ms=duration_ms, log=log)
+                log.bind(provider=name).warning("failing over after: {}", outcome.detail)
+                failovers.append((records.failover(msg, name, outcome, duration_ms), duration_ms))
                 passed_over.append(f"{name}: {outcome.detail}")
-                failed_over = True
                 continue
             note = ""
             if name != group.provider or passed_over:
                 note = f"via {name}" + (f" after {'; '.join(passed_over)}" if passed_over else "")
-            await self._rec.outcome(msg, name, outcome, log=log, duration_ms=duration_ms, note=note)
-            return
+            return records.attempt(
+                msg,
+                name,
+                outcome,
+                self._policy,
+                duration_ms=duration_ms,
+                note=note,
+                failovers=tuple(failovers),
+            )
         # no candidate delivered or refused the message: the ones after a transient
         # failure or an open circuit were missing, disabled or misconfigured
         reason = "; ".join(passed_over)
-        if wait_for_circuit is not None or failed_over:
+        if wait_for_circuit is not None or failovers:
             # something only temporarily unavailable stood in the way: try again later
             outcome = Outcome.retry(
                 f"no provider available ({reason})", retry_after=wait_for_circuit
             )
         else:
             outcome = Outcome.permanent(reason)
-        await self._rec.outcome(msg, group.provider, outcome, log=log)
+        return records.attempt(
+            msg, group.provider, outcome, self._policy, failovers=tuple(failovers)
+        )
 
     @staticmethod
     async def _call(
@@ -172,24 +193,20 @@ class Deliverer:
         outcome = await provider.send(delivery)
         return outcome, int((time.monotonic() - started) * 1000)
 
-    async def _read_body(self, msg: Claimed, log: Any) -> bytes | None:
-        """The body, or None after recording why there is none."""
+    async def _read_again(self, msg: Claimed, log: Any) -> bytes | StoreError:
+        """A body the batch did not find, read again after each body_read_retries delay
+        (a store that is slow to show a new object); the last error if it never comes."""
         res = self._res
-        for delay in [*self._body_retries, None]:
+        error: StoreError = BodyNotFound(msg.storage_key)
+        for delay in self._body_retries:
+            log.warning("body missing from the message store; retrying in {} s", delay)
+            await trio.sleep(delay)
             try:
                 body: bytes = await res.store_offload(res.store.get, msg.storage_key)
-            except StoreUnavailable as exc:
-                await self._rec.outcome(msg, "", Outcome.retry(str(exc)), log=log)
-                return None
-            except BodyNotFound:
-                if delay is not None:
-                    log.warning("body missing from the message store; retrying in {} s", delay)
-                    await trio.sleep(delay)
-                    continue
+            except (BodyNotFound, StoreUnavailable) as exc:
+                error = exc
+                if isinstance(exc, StoreUnavailable):
+                    return exc
             else:
                 return body
-        reason = "body missing from the message store"
-        log.error("{}; dead-lettered", reason)
-        decision = Decision(Status.STORAGE_ERROR, reason=reason)
-        await self._rec.write(msg, "", Outcome.permanent(reason), decision, log=log)
-        return None
+        return error

@@ -1,12 +1,16 @@
-"""Delivery consumers: read message ids from the tenants' streams, claim, deliver, ack.
+"""Delivery consumers: read message ids from the tenants' streams, claim, deliver, ack,
+a batch at a time.
 
-Per stream entry (ARCHITECTURE.md invariant 4):
-1. claim the message in PostgreSQL (compare-and-set to `sending`); an entry whose
-   message is already final, in flight elsewhere or not yet due is acknowledged and
-   skipped; an entry with no row is logged and acknowledged;
-2. deliver it (delivery/attempt.py) and record the outcome (delivery/records.py): the
-   delivery_logs row and the new status in one transaction;
-3. only then acknowledge (XACK + XDEL).
+Per read (ARCHITECTURE.md invariant 4, and group commit as at ingress):
+1. claim every entry's message in one statement (compare-and-set to `sending`); an
+   entry whose message is final, in flight elsewhere or not yet due, or has no row, is
+   acknowledged with the next batch of outcomes;
+2. read the claimed messages' bodies in one call to the store, within a byte budget;
+3. deliver each as a trio task (delivery/attempt.py), as many at once as
+   delivery.concurrency allows and each provider's own limit lets through;
+4. hand each outcome to the recorder (delivery/recorder.py), which commits the
+   outcomes that finished meanwhile in one transaction and only then acknowledges
+   their entries in one Redis round trip.
 
 Every consumer beats in the liveness registry (queue/liveness.py). Entries a dead
 consumer read but never finished are taken over as soon as it has been silent for a
@@ -38,8 +42,10 @@ from smtpproxy.db.queries import Q
 from smtpproxy.delivery import legacy
 from smtpproxy.delivery.attempt import Deliverer
 from smtpproxy.delivery.breaker import ProviderHealth
+from smtpproxy.delivery.budget import BODY_BUDGET, READ_CHUNK, ByteBudget, by_bytes
 from smtpproxy.delivery.directory import ProviderPool, Snapshot
-from smtpproxy.delivery.records import Claimed, Recorder
+from smtpproxy.delivery.recorder import Recorder
+from smtpproxy.delivery.records import Claimed
 from smtpproxy.delivery.retry import RetryPolicy
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
 from smtpproxy.headers import summarize
@@ -47,6 +53,7 @@ from smtpproxy.queue.liveness import ConsumerRegistry, LiveConsumers
 from smtpproxy.queue.streams import Entry, Streams
 from smtpproxy.resources import Resources
 from smtpproxy.store import key_for
+from smtpproxy.store.base import StoreError
 from smtpproxy.threads import Offload
 
 _RUN = secrets.token_hex(3)  # two containers can share a hostname and pid 1
@@ -115,8 +122,9 @@ class Consumer:
         self.name = name
         cfg = res.cfg.delivery
         self.health = health or ProviderHealth(cfg.breaker_threshold, cfg.breaker_cooldown)
-        self._recorder = Recorder(res, name, policy)
-        self._deliverer = Deliverer(res, directory, pool, self.health, self._recorder)
+        self._recorder = Recorder(res, name, self._streams)
+        self._deliverer = Deliverer(res, directory, pool, self.health, policy)
+        self._bodies = ByteBudget(BODY_BUDGET)
         self._visibility = cfg.visibility_timeout
         self._beat_every = cfg.heartbeat_interval
         self._lifetime = cfg.heartbeat_lifetime
@@ -135,6 +143,7 @@ class Consumer:
         next_takeover = next_reclaim = 0.0
         async with trio.open_nursery() as nursery:
             await nursery.start(self._heartbeat, log)
+            await nursery.start(self._recorder.run)
             task_status.started()
             while not self.stopping:
                 await self._slots.acquire()
@@ -164,8 +173,7 @@ class Consumer:
                 # one slot is held; take one more per extra entry (free were available)
                 for _ in entries[1:]:
                     await self._slots.acquire()
-                for entry in entries:
-                    nursery.start_soon(self._process_slot, entry)
+                await self._dispatch(entries, nursery, log)
             # draining: stop reading, let the deliveries in flight finish, then idle
             # (returning would make the supervisor restart us)
             await self.wait_idle()
@@ -219,75 +227,105 @@ class Consumer:
             )
         return entries
 
-    async def _process_slot(self, entry: Entry) -> None:
-        self.in_flight += 1
-        try:
-            await self.process(entry)
-        finally:
-            self.in_flight -= 1
-            self._slots.release()
-
     async def wait_idle(self) -> None:
         while self.in_flight:  # noqa: ASYNC110 - called once, at shutdown
             await trio.sleep(0.05)
 
-    # -- one entry ---------------------------------------------------------------
-    async def process(self, entry: Entry) -> None:
-        if legacy.is_legacy(entry.fields):
-            adopted = await self._adopt(entry)
-            if adopted is None:
-                return
-            mid = adopted
-        else:
-            mid = entry.fields.get("id", "")
-        log = logger.bind(message_id=mid, consumer=self.name)
-        if not mid:
-            log.warning("stream entry {} has no message id; dropped", entry.entry_id)
-            await self._finish(entry)
-            return
-        if mid in self._holding:
-            # a second entry for a message a task of ours is working on (reclaimed, or
-            # re-added by the reconciler): that task records the outcome
-            log.debug("already in hand here; duplicate entry acknowledged")
-            await self._finish(entry)
-            return
-        self._holding.add(mid)
-        try:
-            await self._claim_and_deliver(entry, mid, log)
-        finally:
-            self._holding.discard(mid)
+    # -- a batch of entries --------------------------------------------------------
+    async def _dispatch(self, entries: list[Entry], nursery: trio.Nursery, log: Any) -> None:
+        """Claim the messages of a read's entries (one slot each is held), read their
+        bodies and start a delivery task for each; the rest are acknowledged."""
+        skipped: list[Entry] = []
+        wanted: dict[str, Entry] = {}
+        for entry in entries:
+            mid = await self._message_id(entry, log)
+            if mid is None:  # a legacy entry dropped or left for later
+                self._slots.release()
+            elif not mid or mid in self._holding or mid in wanted:
+                # no id, or a second entry for a message a task of ours is working on
+                # (reclaimed, or re-added by the reconciler): that task records it
+                if not mid:
+                    log.warning("stream entry {} has no message id; dropped", entry.entry_id)
+                skipped.append(entry)
+                self._slots.release()
+            else:
+                wanted[mid] = entry
+        claimed: list[Claimed] = []
+        if wanted:
+            claimed, others = await self._claim(list(wanted), log)
+            for mid, status in others.items():
+                if status is None:
+                    log.bind(message_id=mid).warning(
+                        "no metadata row for this stream entry; acknowledged"
+                    )
+                else:
+                    log.bind(message_id=mid).debug("skipped: message is {}", status)
+                skipped.append(wanted[mid])
+                self._slots.release()
+        self._recorder.acknowledge(skipped)
+        for msg in claimed:
+            self._holding.add(msg.id)
+        self.in_flight += len(claimed)
+        for chunk in by_bytes(claimed, READ_CHUNK):
+            await self._bodies.acquire(sum(m.size for m in chunk))
+            bodies = await self._read_bodies(chunk)
+            for msg, body in zip(chunk, bodies, strict=True):
+                nursery.start_soon(self._deliver, msg, body, wanted[msg.id], log)
 
-    async def _claim_and_deliver(self, entry: Entry, mid: str, log: Any) -> None:
+    async def _message_id(self, entry: Entry, log: Any) -> str | None:
+        """The message id an entry stands for ("" when it names none); None when it was
+        a legacy entry that was dropped or must wait."""
+        if legacy.is_legacy(entry.fields):
+            return await self._adopt(entry)
+        return entry.fields.get("id", "")
+
+    async def _claim(self, ids: list[str], log: Any) -> tuple[list[Claimed], dict[str, str | None]]:
+        """Claim these messages in one statement: those claimed, and what the others are
+        (their status; None: no row)."""
         live = self._live
         params = {
-            "id": mid,
+            "ids": ids,
             "consumer": self.name,
             "settle": self._lifetime,
             "live": live.others(self.name),
             "live_complete": live.complete,
         }
 
-        def claim(conn: Any) -> dict[str, Any]:
+        def claim(conn: Any) -> list[dict[str, Any]]:
             with conn.cursor(row_factory=dict_row) as cur:
-                row = cur.execute(Q.claim_message, params).fetchone()
-                if row is None:
-                    status = cur.execute(Q.message_status, (mid,)).fetchone()
-                    return {"__status__": status["status"] if status else None}
-                return dict(row)
+                rows: list[dict[str, Any]] = cur.execute(Q.claim_messages, params).fetchall()
+            return rows
 
-        row = await self._recorder.db_retrying(claim, log)
-        if "__status__" in row:
-            if row["__status__"] is None:
-                log.warning("no metadata row for this stream entry; acknowledged")
-            else:
-                log.debug("skipped: message is {}", row["__status__"])
-            await self._finish(entry)
-            return
-        msg = Claimed.from_row(row)
-        await self._deliverer.deliver(
-            msg, log.bind(tenant_id=msg.tenant_id, account_id=msg.account_id)
-        )
-        await self._finish(entry)
+        rows = await self._recorder.db_retrying(claim, log)
+        claimed = [Claimed.from_row(r) for r in rows if r["status"] == "sending" and r["age_from"]]
+        mine = {m.id for m in claimed}
+        seen = {r["id"]: r["status"] for r in rows if r["id"] not in mine}
+        others = {mid: seen.get(mid) for mid in ids if mid not in mine}
+        return claimed, others
+
+    async def _read_bodies(self, msgs: list[Claimed]) -> list[bytes | StoreError]:
+        """Every body of a chunk in one call to the store; a store that fails as a whole
+        fails each (a transient failure of each attempt)."""
+        res = self._res
+        try:
+            return await res.store_offload(res.store.get_many, [m.storage_key for m in msgs])
+        except StoreUnavailable as exc:
+            return [exc] * len(msgs)
+
+    async def _deliver(
+        self, msg: Claimed, body: bytes | StoreError, entry: Entry, log: Any
+    ) -> None:
+        """One message's attempt and its record; then its slot and budget are free."""
+        mlog = log.bind(message_id=msg.id, tenant_id=msg.tenant_id, account_id=msg.account_id)
+        try:
+            finish = await self._deliverer.deliver(msg, body, mlog)
+            del body
+            await self._recorder.record(finish, entry, mlog)
+        finally:
+            self._holding.discard(msg.id)
+            self._bodies.release(msg.size)
+            self.in_flight -= 1
+            self._slots.release()
 
     async def _adopt(self, entry: Entry) -> str | None:
         """Turn a legacy entry into a queued message; its id, or None when the entry was
@@ -308,7 +346,7 @@ class Consumer:
                 await res.redis_offload(res.streams.add_dead_letter, fields)
             except QueueUnavailable:
                 return None  # keep the entry; it is retried after the visibility timeout
-            await self._finish(entry)
+            self._recorder.acknowledge([entry])
             return None
         mid = legacy.message_id_for(entry.stream, entry.entry_id)
         key = key_for(mid)
@@ -344,11 +382,3 @@ class Consumer:
             lambda conn: conn.execute(Q.account_id_by_username, (username,)).fetchone()
         )
         return int(str(row[0])) if row else None
-
-    async def _finish(self, entry: Entry) -> None:
-        try:
-            await self._res.redis_offload(self._streams.finish, [entry])
-        except QueueUnavailable as exc:
-            # the entry stays pending; after the visibility timeout it is reclaimed and
-            # skipped, because the message is no longer claimable
-            logger.warning("could not acknowledge entry {}: {}", entry.entry_id, exc)

@@ -238,16 +238,36 @@ class Streams:
 
     def finish(self, entries: Sequence[Entry]) -> None:
         """Acknowledge and delete finished entries."""
-        if not entries:
+        self.settle(entries)
+
+    def settle(
+        self,
+        finished: Sequence[Entry],
+        enqueue: Sequence[Mapping[str, str]] = (),
+        dead_letters: Sequence[Mapping[str, str]] = (),
+        dead_letter_maxlen: int = 1_000_000,
+    ) -> None:
+        """What the recorder does after a batch of outcomes is committed, in one round
+        trip: acknowledge and delete the finished entries, add the new messages (split
+        children) to their tenants' streams, and add the dead letters."""
+        if not (finished or enqueue or dead_letters):
             return
         by_stream: dict[str, list[str]] = {}
-        for e in entries:
+        for e in finished:
             by_stream.setdefault(e.stream, []).append(e.entry_id)
         with mapped_errors():
             pipe = self.client.pipeline(transaction=False)
             for stream, ids in by_stream.items():
                 pipe.xack(stream, GROUP, *ids)
                 pipe.xdel(stream, *ids)
+            if enqueue:
+                pipe.sadd(self.registry, *sorted({f["tenant_id"] for f in enqueue}))
+                for fields in enqueue:
+                    pipe.xadd(self.stream_for(fields["tenant_id"]), dict(fields))
+            for fields in dead_letters:
+                pipe.xadd(
+                    self.dead_letters, dict(fields), maxlen=dead_letter_maxlen, approximate=True
+                )
             pipe.execute()
 
     def delete_dead_letters(self, message_ids: set[str], page: int = 1000) -> int:

@@ -8,10 +8,14 @@ S3 unreachable), so ingress can answer 451 without knowing which backend it has.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import attrs
+
+from smtpproxy.errors import BodyNotFound, StoreUnavailable
+
+StoreError = BodyNotFound | StoreUnavailable
 
 QUARANTINE = "quarantine"  # top-level directory / key prefix that holds quarantined bodies
 
@@ -41,6 +45,10 @@ class MessageStore(Protocol):
     def get(self, key: str) -> bytes:
         """The body under key; BodyNotFound when there is none."""
 
+    def get_many(self, keys: Sequence[str]) -> list[bytes | StoreError]:
+        """The body under each key, in order, or the BodyNotFound or StoreUnavailable
+        that reading it raised (one thread hop for a batch of deliveries)."""
+
     def delete(self, key: str) -> None:
         """Remove key; removing a missing key is not an error."""
 
@@ -62,3 +70,14 @@ class MessageStore(Protocol):
 
     def close(self) -> None:
         """Release connections and threads."""
+
+
+def get_each(get: Callable[[str], bytes], keys: Sequence[str]) -> list[bytes | StoreError]:
+    """get() every key in turn, each failure kept as its exception."""
+    out: list[bytes | StoreError] = []
+    for key in keys:
+        try:
+            out.append(get(key))
+        except (BodyNotFound, StoreUnavailable) as exc:
+            out.append(exc)
+    return out

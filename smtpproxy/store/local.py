@@ -18,7 +18,7 @@ from pathlib import Path
 
 from smtpproxy.errors import BodyNotFound, StoreUnavailable
 from smtpproxy.libc import libc
-from smtpproxy.store.base import QUARANTINE, StoredObject
+from smtpproxy.store.base import QUARANTINE, StoredObject, StoreError, get_each
 
 _TMP_MARK = ".tmp-"
 _MODE = 0o640
@@ -140,6 +140,9 @@ class LocalStore:
             raise BodyNotFound(key) from None
         except OSError as exc:
             raise _unavailable("read", exc) from exc
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | StoreError]:
+        return get_each(self.get, keys)
 
     def delete(self, key: str) -> None:
         try:

@@ -19,7 +19,7 @@ import botocore.config
 import botocore.exceptions
 
 from smtpproxy.errors import BodyNotFound, StoreUnavailable
-from smtpproxy.store.base import QUARANTINE, StoredObject
+from smtpproxy.store.base import QUARANTINE, StoredObject, StoreError, get_each
 
 _ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
@@ -110,6 +110,13 @@ class S3Store:
         except _ERRORS as exc:
             raise StoreUnavailable(f"message store: S3 GetObject failed ({_reason(exc)})") from exc
         return data
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | StoreError]:
+        """In parallel, on the store's own threads: each GET is a network round trip."""
+        if len(keys) == 1:
+            return get_each(self.get, keys)
+        futures = [self._pool.submit(get_each, self.get, [key]) for key in keys]
+        return [f.result()[0] for f in futures]
 
     def delete(self, key: str) -> None:
         try:

@@ -199,6 +199,9 @@ class FakeHTTP(StartStop, Generic[R]):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of new connections (a consumer
+    # starting many deliveries at once, as a real API takes them) would see SYNs dropped
+    request_queue_size = 256
     fake: FakeHTTP[Any]
 
 

@@ -48,26 +48,67 @@ SET status = 'enqueue_failed', last_error = %(reason)s, updated_at = now(), fini
 WHERE id = ANY(%(ids)s) AND status = 'queued'
 RETURNING id
 
--- name: claim_message
--- Compare-and-set to sending. A due queued/retrying row can be claimed, and a row in
--- sending for longer than a heartbeat lifetime whose consumer is gone: our own name
--- when no task of ours holds it any more (the caller checks), or a name missing from
--- the complete list of live consumers (queue/liveness.py). Anything else cannot.
-UPDATE messages
-SET status = 'sending', attempts = attempts + 1, claimed_by = %(consumer)s,
-    claimed_at = now(), updated_at = now()
-WHERE id = %(id)s
-  AND ((status IN ('queued', 'retrying')
-        AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
-       OR (status = 'sending' AND claimed_at < now() - make_interval(secs => %(settle)s)
-           AND (claimed_by = %(consumer)s
-                OR (%(live_complete)s AND coalesce(claimed_by, '') <> ALL(%(live)s::text[])))))
-RETURNING id, tenant_id, account_id, mail_from, rcpt_to, storage_key, attempts, created_at,
-          size, header_message_id, route_override,
-          coalesce(replayed_at, created_at) AS age_from
+-- name: claim_messages
+-- Compare-and-set to sending, for every id a stream read returned, in one statement. A
+-- due queued/retrying row can be claimed, and a row in sending for longer than a
+-- heartbeat lifetime whose consumer is gone: our own name when no task of ours holds
+-- it any more (the caller leaves out the ids it holds), or a name missing from the
+-- complete list of live consumers (queue/liveness.py). Anything else cannot; the
+-- second part says what such a row is (no row: the entry points at nothing).
+WITH claimed AS (
+    UPDATE messages
+    SET status = 'sending', attempts = attempts + 1, claimed_by = %(consumer)s,
+        claimed_at = now(), updated_at = now()
+    WHERE id = ANY(%(ids)s::text[])
+      AND ((status IN ('queued', 'retrying')
+            AND (next_attempt_at IS NULL OR next_attempt_at <= now()))
+           OR (status = 'sending' AND claimed_at < now() - make_interval(secs => %(settle)s)
+               AND (claimed_by = %(consumer)s
+                    OR (%(live_complete)s
+                        AND coalesce(claimed_by, '') <> ALL(%(live)s::text[])))))
+    RETURNING id, tenant_id, account_id, mail_from, rcpt_to, storage_key, attempts,
+              created_at, size, route_override, coalesce(replayed_at, created_at) AS age_from
+)
+SELECT *, 'sending' AS status FROM claimed
+UNION ALL
+SELECT id, tenant_id, account_id, mail_from, rcpt_to, storage_key, attempts, created_at,
+       size, route_override, NULL, status
+FROM messages WHERE id = ANY(%(ids)s::text[]) AND id NOT IN (SELECT id FROM claimed)
 
--- name: message_status
-SELECT status FROM messages WHERE id = %s
+-- name: finish_claims
+-- End the claims of a batch of attempts, each as its Finish says (delivery/records.py);
+-- only rows this consumer still holds: an id missing from the result was taken over
+-- meanwhile, and nothing of its attempt is recorded. A released claim (provider
+-- saturated) does not count its attempt and keeps the last provider and error.
+UPDATE messages m
+SET status = u.status,
+    attempts = m.attempts - CASE WHEN u.released THEN 1 ELSE 0 END,
+    next_attempt_at = u.next_attempt_at,
+    provider_name = CASE WHEN u.released THEN m.provider_name ELSE u.provider_name END,
+    provider_message_id = coalesce(u.provider_message_id, m.provider_message_id),
+    last_error = CASE WHEN u.released THEN m.last_error ELSE u.last_error END,
+    claimed_by = NULL, claimed_at = NULL, updated_at = now(),
+    finished_at = CASE WHEN u.final THEN now() END
+FROM unnest(%(ids)s::text[], %(statuses)s::text[], %(released)s::bool[],
+            %(next_attempt_at)s::timestamptz[], %(providers)s::text[],
+            %(provider_message_ids)s::text[], %(errors)s::text[], %(finals)s::bool[])
+    AS u(id, status, released, next_attempt_at, provider_name, provider_message_id,
+         last_error, final)
+WHERE m.id = u.id AND m.status = 'sending' AND m.claimed_by = %(consumer)s
+RETURNING m.id
+
+-- name: insert_delivery_logs
+-- The delivery_logs rows of a batch of attempts, in one statement.
+INSERT INTO delivery_logs (
+    message_id, account_id, tenant_id, provider_name, status, error_message,
+    attempt_number, duration_ms, provider_message_id, recipients)
+SELECT u.message_id, u.account_id, u.tenant_id, u.provider_name, u.status, u.error_message,
+       u.attempt_number, u.duration_ms, u.provider_message_id,
+       ARRAY(SELECT jsonb_array_elements_text(u.recipients))
+FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[],
+            %s::int[], %s::int[], %s::text[], %s::jsonb[])
+    AS u(message_id, account_id, tenant_id, provider_name, status, error_message,
+         attempt_number, duration_ms, provider_message_id, recipients)
 
 -- name: insert_delivery_log
 INSERT INTO delivery_logs (
@@ -76,17 +117,6 @@ INSERT INTO delivery_logs (
 VALUES (%(message_id)s, %(account_id)s, %(tenant_id)s, %(provider_name)s, %(status)s,
         %(error_message)s, %(attempt_number)s, %(duration_ms)s, %(provider_message_id)s,
         %(recipients)s)
-
--- name: finish_attempt
--- Record the outcome of the attempt this consumer claimed; 0 rows means another consumer
--- took the message over meanwhile.
-UPDATE messages
-SET status = %(status)s, next_attempt_at = %(next_attempt_at)s, provider_name = %(provider_name)s,
-    provider_message_id = coalesce(%(provider_message_id)s, provider_message_id),
-    last_error = %(last_error)s, claimed_by = NULL, claimed_at = NULL, updated_at = now(),
-    finished_at = CASE WHEN %(final)s THEN now() END
-WHERE id = %(id)s AND status = 'sending' AND claimed_by = %(consumer)s
-RETURNING id
 
 -- name: take_due_retries
 -- The scheduler moves due retrying rows back to queued (and XADDs them in the same
@@ -123,15 +153,6 @@ SELECT %(child_id)s, id, tenant_id, account_id, mail_from, %(rcpt_to)s, subject,
        header_message_id, header_from, header_to, header_cc, size, sha256, storage_key,
        client_ip, 'retrying', attempts, %(next_attempt_at)s, route_override, created_at
 FROM messages WHERE id = %(parent_id)s
-
--- name: release_claim
--- Give a claimed message back without counting an attempt (its provider is saturated):
--- the scheduler re-enqueues it at next_attempt_at.
-UPDATE messages
-SET status = 'retrying', attempts = attempts - 1, next_attempt_at = %(next_attempt_at)s,
-    claimed_by = NULL, claimed_at = NULL, updated_at = now()
-WHERE id = %(id)s AND status = 'sending' AND claimed_by = %(consumer)s
-RETURNING id
 
 -- name: split_message
 -- A child row per route group shares the parent's body; the parent becomes final.
