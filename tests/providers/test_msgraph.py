@@ -700,7 +700,7 @@ async def test_token_endpoint_timeout_is_retry() -> None:
             with trio.fail_after(10):
                 outcome = await provider.send(delivery())
     assert outcome.kind == RETRY
-    assert outcome.detail == "token request: timeout: ReadTimeout"
+    assert outcome.detail.startswith("token request: timeout: no answer within ")
 
 
 async def test_login_endpoint_unreachable_is_retry() -> None:
@@ -711,7 +711,7 @@ async def test_login_endpoint_unreachable_is_retry() -> None:
             with trio.fail_after(10):
                 outcome = await provider.send(delivery())
     assert outcome.kind == RETRY
-    assert outcome.detail == "token request: connection error: ConnectError"
+    assert outcome.detail.startswith("token request: connection error: cannot connect to ")
     assert fake.requests == []
 
 
@@ -775,7 +775,7 @@ async def test_graph_unreachable_is_retry() -> None:
             with trio.fail_after(10):
                 outcome = await provider.send(delivery())
     assert outcome.kind == RETRY
-    assert outcome.detail == "connection error: ConnectError"
+    assert outcome.detail.startswith("connection error: cannot connect to 127.0.0.1:")
 
 
 async def test_silent_graph_times_out_as_retry() -> None:
@@ -789,7 +789,7 @@ async def test_silent_graph_times_out_as_retry() -> None:
                 outcome = await provider.send(delivery())
     assert held
     assert outcome.kind == RETRY
-    assert outcome.detail == "timeout: ReadTimeout"
+    assert outcome.detail.startswith("timeout: no answer within ")
 
 
 def test_fake_error_texts_come_from_the_documents() -> None:

@@ -1,36 +1,80 @@
-"""Shared HTTP plumbing for API providers: one httpx client per provider (its own pool
-and timeouts), status classification common to every JSON API, and Retry-After.
+"""Shared HTTP plumbing for API providers: one client per provider (its own keep-alive
+pool and timeouts, http11.py), request bodies (form, multipart), status classification
+common to every JSON API, and Retry-After.
 
-httpx runs natively on trio. Transport errors and timeouts are transient; so are 408,
-429 and 5xx. Other 4xx answers mean the request itself is wrong for this provider
-(validation, auth, permission, size) and are permanent: retrying would not help.
+Transport errors and timeouts are transient; so are 408, 429 and 5xx. Other 4xx
+answers mean the request itself is wrong for this provider (validation, auth,
+permission, size) and are permanent: retrying would not help.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import secrets
 import time
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Mapping, Sequence
 
-import httpx
-
+from smtpproxy.delivery.providers.http11 import Client, Response, Timeout, TransportError
 from smtpproxy.models import Outcome
 
 DEFAULT_TIMEOUT = 30.0
 
+__all__ = [  # providers see one HTTP module
+    "DEFAULT_TIMEOUT",
+    "Client",
+    "Response",
+    "TransportError",
+    "basic_auth",
+    "classify_status",
+    "form",
+    "multipart",
+    "open_client",
+    "parse_retry_after",
+    "short",
+    "transport_failure",
+]
+
 
 def open_client(
     base_url: str, *, timeout: float = DEFAULT_TIMEOUT, max_connections: int = 20
-) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=base_url,
-        timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
-        follow_redirects=False,
-        headers={"User-Agent": "smtpproxy"},
-    )
+) -> Client:
+    return Client(base_url, timeout=timeout, connect_timeout=10.0, max_connections=max_connections)
+
+
+def basic_auth(user: str, password: str) -> str:
+    """An Authorization header value for HTTP Basic authentication."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+def form(fields: Sequence[tuple[str, str]]) -> bytes:
+    """An application/x-www-form-urlencoded body."""
+    return urllib.parse.urlencode(list(fields)).encode("ascii")
+
+
+def multipart(
+    fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, str, bytes, str]]
+) -> tuple[str, bytes]:
+    """(Content-Type, body) of a multipart/form-data request: text fields, then files as
+    (field name, file name, content, content type)."""
+    boundary = secrets.token_hex(16)
+    parts: list[bytes] = []
+    for name, value in fields:
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{_quoted(name)}"\r\n\r\n'
+        parts.append(head.encode() + value.encode() + b"\r\n")
+    for name, filename, content, content_type in files:
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{_quoted(name)}"; '
+            f'filename="{_quoted(filename)}"\r\nContent-Type: {content_type}\r\n\r\n'
+        )
+        parts.append(head.encode() + content + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return f"multipart/form-data; boundary={boundary}", b"".join(parts)
+
+
+def _quoted(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "").replace("\n", "")
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -59,10 +103,11 @@ def classify_status(
     return Outcome.permanent(text)
 
 
-def transport_failure(exc: httpx.HTTPError) -> Outcome:
+def transport_failure(exc: TransportError) -> Outcome:
     """A request that got no HTTP answer: always worth another try later."""
-    kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection error"
-    return Outcome.retry(f"{kind}: {type(exc).__name__}")
+    if isinstance(exc, Timeout):
+        return Outcome.retry(f"timeout: {exc}")
+    return Outcome.retry(f"connection error: {exc}")
 
 
 def short(text: str, limit: int = 300) -> str:

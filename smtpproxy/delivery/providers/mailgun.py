@@ -30,7 +30,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
-import httpx
 
 from smtpproxy.delivery.providers import http
 from smtpproxy.delivery.providers.base import (
@@ -145,7 +144,7 @@ class MailgunProvider:
         base = base_url(spec)
         sending_domain(spec)
         self._key = spec.require_secret("API key")
-        self._auth = httpx.BasicAuth("api", self._key)
+        self._auth = http.basic_auth("api", self._key)
         self._client = http.open_client(
             base,
             timeout=spec.positive("timeout", http.DEFAULT_TIMEOUT),
@@ -163,16 +162,16 @@ class MailgunProvider:
             request = build_request(self.spec, delivery)
         except RequestError as exc:
             return Outcome.permanent(str(exc))
+        content_type, body = http.multipart(
+            [("to", r) for r in request.to],
+            [("message", MESSAGE_FILENAME, request.message, MESSAGE_CONTENT_TYPE)],
+        )
+        headers = [("Authorization", self._auth), ("Content-Type", content_type)]
         try:
-            resp = await self._client.post(
-                request.url,
-                data={"to": list(request.to)},
-                files={"message": (MESSAGE_FILENAME, request.message, MESSAGE_CONTENT_TYPE)},
-                auth=self._auth,
-            )
-        except httpx.HTTPError as exc:
+            resp = await self._client.post(request.url, body, headers)
+        except http.TransportError as exc:
             return http.transport_failure(exc)
-        return self._scrubbed(classify(resp.status_code, resp.headers, resp.text))
+        return self._scrubbed(classify(resp.status, resp.headers, resp.text))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -55,7 +55,6 @@ from typing import Any
 from urllib.parse import quote
 
 import attrs
-import httpx
 import trio
 
 from smtpproxy.delivery.providers import http
@@ -370,24 +369,29 @@ class GraphProvider:
         try:
             resp = await self._login.post(
                 self._token_path,
-                data={
-                    "client_id": self._client_id,
-                    "scope": self._scope,
-                    "client_secret": self._secret,
-                    "grant_type": "client_credentials",
-                },
-                headers={"Accept": "application/json"},
+                http.form(
+                    [
+                        ("client_id", self._client_id),
+                        ("scope", self._scope),
+                        ("client_secret", self._secret),
+                        ("grant_type", "client_credentials"),
+                    ]
+                ),
+                [
+                    ("Accept", "application/json"),
+                    ("Content-Type", "application/x-www-form-urlencoded"),
+                ],
             )
-        except httpx.HTTPError as exc:
+        except http.TransportError as exc:
             failure = http.transport_failure(exc)
             self._last_failure = Outcome.retry(f"token request: {failure.detail}")
             return self._last_failure
-        parsed = parse_token(resp.text) if resp.status_code == 200 else None
+        parsed = parse_token(resp.text) if resp.status == 200 else None
         if parsed is None:
-            if resp.status_code == 200:
+            if resp.status == 200:
                 failure = Outcome.retry("token request: HTTP 200 without a Bearer access_token")
             else:
-                failure = classify_token(resp.status_code, resp.headers, resp.text)
+                failure = classify_token(resp.status, resp.headers, resp.text)
             self._last_failure = attrs.evolve(
                 failure, detail=failure.detail.replace(self._secret, "***")
             )
@@ -399,28 +403,27 @@ class GraphProvider:
         self._last_failure = None
         return token
 
-    async def _post(self, payload: bytes, token: str) -> httpx.Response | Outcome:
+    async def _post(self, payload: bytes, token: str) -> tuple[http.Response, str] | Outcome:
+        """The answer, and the client-request-id it was sent with."""
+        request_id = str(uuid.uuid4())
+        headers = [
+            ("Authorization", f"Bearer {token}"),
+            ("Content-Type", "text/plain"),
+            ("client-request-id", request_id),
+            ("return-client-request-id", "true"),
+        ]
         try:
-            return await self._graph.post(
-                self._path,
-                content=payload,
-                headers={
-                    "Authorization": f"Bearer {token}",
-                    "Content-Type": "text/plain",
-                    "client-request-id": str(uuid.uuid4()),
-                    "return-client-request-id": "true",
-                },
-            )
-        except httpx.HTTPError as exc:
+            return await self._graph.post(self._path, payload, headers), request_id
+        except http.TransportError as exc:
             return http.transport_failure(exc)
 
-    async def _attempt(self, payload: bytes) -> httpx.Response | Outcome:
+    async def _attempt(self, payload: bytes) -> tuple[http.Response, str] | Outcome:
         """POST with the current token; after a 401, once more with a new token."""
         token = await self._access_token()
         if isinstance(token, Outcome):
             return token
         resp = await self._post(payload, token)
-        if isinstance(resp, Outcome) or resp.status_code != 401:
+        if isinstance(resp, Outcome) or resp[0].status != 401:
             return resp
         token = await self._access_token(rejected=token)
         if isinstance(token, Outcome):
@@ -432,14 +435,14 @@ class GraphProvider:
             payload = build_request(delivery)
         except RequestError as exc:
             return Outcome.permanent(str(exc))
-        resp = await self._attempt(payload)
-        if isinstance(resp, Outcome):
-            return resp
-        outcome = classify(resp.status_code, resp.headers, resp.text)
-        if resp.status_code == 401:
+        answer = await self._attempt(payload)
+        if isinstance(answer, Outcome):
+            return answer
+        resp, sent_id = answer
+        outcome = classify(resp.status, resp.headers, resp.text)
+        if resp.status == 401:
             return Outcome.permanent(f"{outcome.detail} (again with a new token)")
         if outcome.kind == OutcomeKind.DELIVERED and outcome.provider_message_id is None:
-            sent_id = resp.request.headers.get("client-request-id")
             return Outcome.delivered(sent_id, detail=outcome.detail)
         return outcome
 

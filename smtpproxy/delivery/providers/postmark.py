@@ -72,7 +72,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
 from smtpproxy.delivery import mime
@@ -405,6 +404,11 @@ class PostmarkProvider:
             raise ProviderConfigError(f"provider {spec.name}: setting 'message_stream' is empty")
         self._stream = stream.strip()
         self._token = spec.require_secret("server token")
+        self._headers = [
+            ("X-Postmark-Server-Token", self._token),
+            ("Accept", "application/json"),
+            ("Content-Type", "application/json"),
+        ]
         self._client = http.open_client(
             spec.endpoint or ENDPOINT,
             timeout=spec.positive("timeout", http.DEFAULT_TIMEOUT),
@@ -413,18 +417,10 @@ class PostmarkProvider:
 
     async def _post(self, recipients: tuple[str, ...], payload: bytes) -> Outcome:
         try:
-            resp = await self._client.post(
-                PATH,
-                content=payload,
-                headers={
-                    "X-Postmark-Server-Token": self._token,
-                    "Accept": "application/json",
-                    "Content-Type": "application/json",
-                },
-            )
-        except httpx.HTTPError as exc:
+            resp = await self._client.post(PATH, payload, self._headers)
+        except http.TransportError as exc:
             return http.transport_failure(exc)
-        outcome = classify(resp.status_code, resp.headers, resp.text, recipients)
+        outcome = classify(resp.status, resp.headers, resp.text, recipients)
         if self._token in outcome.detail:  # should an answer ever echo the token
             outcome = attrs.evolve(outcome, detail=outcome.detail.replace(self._token, "[secret]"))
         return outcome

@@ -19,8 +19,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
 from smtpproxy.delivery import mime
 from smtpproxy.delivery.providers import http
 from smtpproxy.delivery.providers.base import (
@@ -190,6 +188,10 @@ class SendGridProvider:
         if region not in ENDPOINTS:
             raise ProviderConfigError(f"provider {spec.name}: region must be 'global' or 'eu'")
         self._key = spec.require_secret("API key")
+        self._headers = [
+            ("Authorization", f"Bearer {self._key}"),
+            ("Content-Type", "application/json"),
+        ]
         self._client = http.open_client(
             spec.endpoint or ENDPOINTS[region],
             timeout=spec.positive("timeout", http.DEFAULT_TIMEOUT),
@@ -204,17 +206,10 @@ class SendGridProvider:
         if len(payload) > MAX_REQUEST_BYTES:
             return Outcome.permanent("message too large for SendGrid (30 MB per request)")
         try:
-            resp = await self._client.post(
-                PATH,
-                content=payload,
-                headers={
-                    "Authorization": f"Bearer {self._key}",
-                    "Content-Type": "application/json",
-                },
-            )
-        except httpx.HTTPError as exc:
+            resp = await self._client.post(PATH, payload, self._headers)
+        except http.TransportError as exc:
             return http.transport_failure(exc)
-        return classify(resp.status_code, resp.headers, resp.text)
+        return classify(resp.status, resp.headers, resp.text)
 
     async def aclose(self) -> None:
         await self._client.aclose()
