@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.policy
 import re
 import time
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from smtpproxy import ids, passwords
+from smtpproxy.delivery import mime
 from smtpproxy.delivery.retry import Decision, RetryPolicy, decide
 from smtpproxy.delivery.routing import RouteGroup, Rule, route, sort_rules
 from smtpproxy.domains import GlobError, any_matches, domain_matches, domain_of, validate_glob
@@ -656,3 +658,44 @@ def test_two_hashes_of_one_password_differ(stored: str) -> None:
     again = passwords.hash_password("correct horse ✓")
     assert again != stored
     assert passwords.verify_password("correct horse ✓", again)
+
+
+SIMPLE_ADDRESS_LISTS = [
+    "alice@example.com",
+    "Alice <alice@example.com>",
+    "Alice Ex <alice@example.com>, bob@example.org",
+    "  Bob   Smith   <bob.smith+tag@mail.example.org>  ,carol@example.org",
+    "<x@y.z>",
+    "a@b, , c@d",
+    "A\t B <a@b.c>",
+    "o'neil@example.ie",
+]
+NOT_SIMPLE = [
+    "Al.ice <a@b.c>",
+    '"Quoted, Name" <a@b.c>',
+    "x (comment) <a@b.c>",
+    "=?utf-8?q?J=C3=B6rg?= <a@b.c>",
+    "group: a@b.c;",
+    "a@b.c>",
+    "<a@b.c",
+    "a b@c.d",
+    "jörg@x.de",
+    "a@[1.2.3.4]",
+    "a..b@c.d",
+    ".a@c.d",
+    "a@c.d.",
+    "Name <a@b.c> extra",
+]
+
+
+@pytest.mark.parametrize("value", SIMPLE_ADDRESS_LISTS + NOT_SIMPLE)
+def test_simple_address_lists_read_as_the_full_parser_reads_them(value: str) -> None:
+    """The fast reading of plain address lists agrees with the RFC 5322 parser of the
+    email package wherever it answers, and leaves everything else to it."""
+    fast = mime.simple_addresses(value)
+    assert (fast is not None) == (value in SIMPLE_ADDRESS_LISTS)
+    if fast is not None:
+        full = email.policy.default.header_factory("To", value)
+        assert fast == [
+            mime.Address(a.addr_spec, a.display_name or "") for a in full.addresses if a.addr_spec
+        ]
