@@ -132,9 +132,7 @@ def _raw_values(msg: Message, name: str) -> list[str]:
 # address has nothing a quoted string, comment, group or route could start
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _ADDR = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-_SIMPLE_ITEM = re.compile(
-    rf"\s*(?:((?:{_ATEXT}[ \t]+)*{_ATEXT})?[ \t]*<({_ADDR})>|({_ADDR}))\s*"
-)
+_SIMPLE_ITEM = re.compile(rf"\s*(?:((?:{_ATEXT}[ \t]+)*{_ATEXT})?[ \t]*<({_ADDR})>|({_ADDR}))\s*")
 
 
 def simple_addresses(value: str) -> list[Address] | None:
