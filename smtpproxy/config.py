@@ -201,7 +201,9 @@ class StorageConfig:
 @attrs.frozen
 class DeliveryConfig:
     enabled: bool = True  # false: an ingress-only instance (others deliver)
-    concurrency: int = 32
+    # messages in flight per consumer: cheap trio tasks; each provider gets at most its
+    # own max_connections of them. At a 200 ms API round trip, 1,024 carry 5,000 msgs/s.
+    concurrency: int = 1024
     max_attempts: int = 10
     max_age: Duration = Duration(2 * 86400)
     retry_schedule: tuple[Duration, ...] = tuple(Duration(s) for s in (30, 60, 120, 300, 900, 1800))

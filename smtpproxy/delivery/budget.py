@@ -1,4 +1,5 @@
-"""How many bodies a consumer holds in memory at once, in bytes.
+"""What a consumer holds at once: messages in flight (Slots), and bodies in memory, in
+bytes (ByteBudget).
 
 delivery.concurrency bounds the messages in flight; with big messages that alone could
 hold gigabytes (512 messages of 25 MB). A ByteBudget makes a consumer wait before
@@ -23,6 +24,34 @@ class Sized(Protocol):
 
 
 S = TypeVar("S", bound=Sized)
+
+
+class Slots:
+    """delivery.concurrency slots, one per message in flight; a reader can wait a moment
+    for several to come free, so that it fetches a batch rather than one at a time."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._semaphore = trio.Semaphore(total)
+        self._freed = trio.Event()
+
+    @property
+    def free(self) -> int:
+        return self._semaphore.value
+
+    async def acquire(self) -> None:
+        await self._semaphore.acquire()
+
+    def release(self) -> None:
+        self._semaphore.release()
+        self._freed.set()
+        self._freed = trio.Event()
+
+    async def gather(self, wanted: int, patience: float) -> None:
+        """Wait until `wanted` slots are free, or patience seconds have passed."""
+        with trio.move_on_after(patience):
+            while self.free < wanted:
+                await self._freed.wait()
 
 
 class ByteBudget:

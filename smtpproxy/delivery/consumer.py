@@ -42,7 +42,7 @@ from smtpproxy.db.queries import Q
 from smtpproxy.delivery import legacy
 from smtpproxy.delivery.attempt import Deliverer
 from smtpproxy.delivery.breaker import ProviderHealth
-from smtpproxy.delivery.budget import BODY_BUDGET, READ_CHUNK, ByteBudget, by_bytes
+from smtpproxy.delivery.budget import BODY_BUDGET, READ_CHUNK, ByteBudget, Slots, by_bytes
 from smtpproxy.delivery.directory import ProviderPool, Snapshot
 from smtpproxy.delivery.recorder import Recorder
 from smtpproxy.delivery.records import Claimed
@@ -64,10 +64,16 @@ def consumer_name(index: int) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{_RUN}-{index}"
 
 
+BLOCK_MS = 1000  # a read waits this long for new entries
+GATHER = 0.005  # a read waits this long for more free slots, to fetch a batch
+
+
 class StreamRotation:
     """Which streams a read asks for: every tenant's (plus the legacy stream), a fair
-    share of the free slots each; with more streams than slots, a moving window. The
-    list of streams is refreshed every few seconds and new ones get their group."""
+    share of the free slots each. With more streams than free slots, a moving window of
+    them, read without waiting (the streams outside the window may have mail), until a
+    whole round of windows found nothing; then every stream, waiting. The list of
+    streams is refreshed every few seconds and new ones get their group."""
 
     REFRESH = 1.0
 
@@ -77,6 +83,7 @@ class StreamRotation:
         self._known: list[str] = []
         self._refreshed = -self.REFRESH
         self._offset = 0
+        self._empty = 0  # streams read without finding anything, since the last find
 
     async def all(self) -> list[str]:
         if time.monotonic() - self._refreshed >= self.REFRESH:
@@ -88,15 +95,23 @@ class StreamRotation:
             self._refreshed = time.monotonic()
         return self._known
 
-    async def window(self, free: int) -> tuple[list[str], int]:
-        """(streams to read, entries per stream) for `free` slots."""
+    async def window(self, free: int) -> tuple[list[str], int, int | None]:
+        """(streams to read, entries per stream, milliseconds the read may wait for
+        new entries: None for not at all) for `free` slots."""
         streams = await self.all()
         if len(streams) <= free:
-            return streams, max(1, free // len(streams))
+            return streams, max(1, free // len(streams)), BLOCK_MS
+        if self._empty >= len(streams):
+            self._empty = 0
+            return streams, 1, BLOCK_MS
         start = self._offset % len(streams)
         self._offset = start + free
         rotated = streams[start:] + streams[:start]
-        return rotated[:free], 1
+        return rotated[:free], 1, None
+
+    def found(self, streams_read: int, entries: int) -> None:
+        """What the last read of streams_read streams returned."""
+        self._empty = 0 if entries else self._empty + streams_read
 
 
 @attrs.define
@@ -128,7 +143,7 @@ class Consumer:
         self._visibility = cfg.visibility_timeout
         self._beat_every = cfg.heartbeat_interval
         self._lifetime = cfg.heartbeat_lifetime
-        self._slots = trio.Semaphore(cfg.concurrency)
+        self._slots = Slots(cfg.concurrency)
         self._registry = ConsumerRegistry(res.streams.client, res.cfg.redis.key_prefix)
         self._beat_offload = Offload("liveness", 1)  # never queued behind other Redis calls
         self._live = LiveConsumers()  # until the first heartbeat: nobody else's claims
@@ -146,8 +161,7 @@ class Consumer:
             await nursery.start(self._recorder.run)
             task_status.started()
             while not self.stopping:
-                await self._slots.acquire()
-                free = self._slots.value + 1
+                free = await self._free_slots(len(await streams.all()))
                 try:
                     entries: list[Entry] = []
                     now = time.monotonic()
@@ -158,10 +172,11 @@ class Consumer:
                         next_reclaim = now + max(self._visibility / 4, 1)
                         entries = await self._reclaim(await streams.all(), free, log)
                     if not entries:
-                        window, per_stream = await streams.window(free)
+                        window, per_stream, block = await streams.window(free)
                         entries = await self._res.redis_offload(
-                            self._streams.read, self.name, window, per_stream, 1000
+                            self._streams.read, self.name, window, per_stream, block
                         )
+                        streams.found(len(window), len(entries))
                 except QueueUnavailable as exc:
                     self._slots.release()
                     log.warning("stream read failed, retrying in 1 s: {}", exc)
@@ -226,6 +241,15 @@ class Consumer:
                 "reclaimed a stream entry idle past the visibility timeout"
             )
         return entries
+
+    async def _free_slots(self, streams: int) -> int:
+        """Take a slot (waiting for one), then give others a moment to come free, so a
+        read fetches a batch rather than an entry at a time, and covers every stream;
+        the number free, the one taken included."""
+        await self._slots.acquire()
+        wanted = min(self._slots.total, max(streams, self._slots.total // 8))
+        await self._slots.gather(wanted - 1, GATHER)
+        return self._slots.free + 1
 
     async def wait_idle(self) -> None:
         while self.in_flight:  # noqa: ASYNC110 - called once, at shutdown

@@ -158,9 +158,11 @@ class Streams:
             )
 
     # -- consumers ---------------------------------------------------------------
-    def read(self, consumer: str, streams: Sequence[str], count: int, block_ms: int) -> list[Entry]:
+    def read(
+        self, consumer: str, streams: Sequence[str], count: int, block_ms: int | None
+    ) -> list[Entry]:
         """New entries for this consumer (XREADGROUP >): up to `count` from each stream,
-        waiting up to block_ms for the first."""
+        waiting up to block_ms for the first (None: not waiting)."""
         if not streams:
             return []
         with mapped_errors():

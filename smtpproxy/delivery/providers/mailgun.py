@@ -48,6 +48,7 @@ MAX_RECIPIENTS = 1000
 # smaller reading, so that the whole request (message, `to` fields, multipart framing)
 # stays under the limit whichever way Mailgun counts.
 MAX_MESSAGE_BYTES = 25 * 1000 * 1000
+MAX_CONNECTIONS = 256  # calls in flight by default (429s halve it: delivery/breaker.py)
 MESSAGE_FILENAME = "message.mime"
 MESSAGE_CONTENT_TYPE = "message/rfc822"
 _TRY_AGAIN = re.compile(r"try again after (\d+) seconds?", re.IGNORECASE)
@@ -148,7 +149,7 @@ class MailgunProvider:
         self._client = http.open_client(
             base,
             timeout=spec.positive("timeout", http.DEFAULT_TIMEOUT),
-            max_connections=spec.positive_int("max_connections", 20),
+            max_connections=spec.positive_int("max_connections", MAX_CONNECTIONS),
         )
 
     def _scrubbed(self, outcome: Outcome) -> Outcome:
@@ -184,11 +185,14 @@ TYPE = ProviderType(
         "domain": SettingInfo("the Mailgun sending domain (as in /v3/<domain>/...)", True),
         "region": SettingInfo("'us' (api.mailgun.net, default) or 'eu' (api.eu.mailgun.net)"),
         "timeout": SettingInfo("request timeout in seconds (default 30)"),
-        "max_connections": SettingInfo("connection pool size (default 20)"),
+        "max_connections": SettingInfo(
+            f"calls in flight and connections kept (default {MAX_CONNECTIONS})"
+        ),
     },
     secret="API key",  # noqa: S106 - names what the secret is, not a secret
     secret_required=True,
     default_endpoint=ENDPOINTS[DEFAULT_REGION],
     max_recipients=MAX_RECIPIENTS,
     max_message_bytes=MAX_MESSAGE_BYTES,
+    max_connections=MAX_CONNECTIONS,
 )

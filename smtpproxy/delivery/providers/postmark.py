@@ -90,6 +90,7 @@ PATH = "/email"
 DEFAULT_STREAM = "outbound"
 MAX_RECIPIENTS = 50
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
+MAX_CONNECTIONS = 128  # calls in flight by default (429s halve it: delivery/breaker.py)
 MAX_BODY_BYTES = 5 * 1024 * 1024  # TextBody and HtmlBody, each
 EMPTY_BODY = " "
 # written by Postmark from the request's fields, or stamped by Postmark when it sends
@@ -412,7 +413,7 @@ class PostmarkProvider:
         self._client = http.open_client(
             spec.endpoint or ENDPOINT,
             timeout=spec.positive("timeout", http.DEFAULT_TIMEOUT),
-            max_connections=spec.positive_int("max_connections", 20),
+            max_connections=spec.positive_int("max_connections", MAX_CONNECTIONS),
         )
 
     async def _post(self, recipients: tuple[str, ...], payload: bytes) -> Outcome:
@@ -453,12 +454,15 @@ TYPE = ProviderType(
     settings={
         "message_stream": SettingInfo("the message stream to send through (default outbound)"),
         "timeout": SettingInfo("request timeout in seconds (default 30)"),
-        "max_connections": SettingInfo("connection pool size (default 20)"),
+        "max_connections": SettingInfo(
+            f"calls in flight and connections kept (default {MAX_CONNECTIONS})"
+        ),
     },
     secret="server token",  # noqa: S106 - names what the secret is, not a secret
     secret_required=True,
     default_endpoint=ENDPOINT,
     max_recipients=MAX_RECIPIENTS,
+    max_connections=MAX_CONNECTIONS,
     # the raw message becomes base64 attachments and JSON text: about 4/3 of it
     max_message_bytes=MAX_REQUEST_BYTES * 3 // 4 - 32 * 1024,
 )

@@ -33,6 +33,10 @@ from smtpproxy.models import Outcome
 ENDPOINTS = {"global": "https://api.sendgrid.com", "eu": "https://api.eu.sendgrid.com"}
 PATH = "/v3/mail/send"
 MAX_RECIPIENTS = 1000
+# calls in flight by default: SendGrid publishes no concurrency limit, and at a 200 ms
+# round trip, the 2,000 messages a second one process can deliver need 400 (429s halve
+# it: delivery/breaker.py)
+MAX_CONNECTIONS = 512
 MAX_REQUEST_BYTES = 30 * 1000 * 1000
 RESERVED_HEADERS = frozenset(
     h.lower()
@@ -195,7 +199,7 @@ class SendGridProvider:
         self._client = http.open_client(
             spec.endpoint or ENDPOINTS[region],
             timeout=spec.positive("timeout", http.DEFAULT_TIMEOUT),
-            max_connections=spec.positive_int("max_connections", 20),
+            max_connections=spec.positive_int("max_connections", MAX_CONNECTIONS),
         )
 
     async def send(self, delivery: Delivery) -> Outcome:
@@ -221,12 +225,15 @@ TYPE = ProviderType(
     settings={
         "region": SettingInfo("'global' (api.sendgrid.com) or 'eu' (api.eu.sendgrid.com)"),
         "timeout": SettingInfo("request timeout in seconds (default 30)"),
-        "max_connections": SettingInfo("connection pool size (default 20)"),
+        "max_connections": SettingInfo(
+            f"calls in flight and connections kept (default {MAX_CONNECTIONS})"
+        ),
     },
     secret="API key",  # noqa: S106 - names what the secret is, not a secret
     secret_required=True,
     default_endpoint=ENDPOINTS["global"],
     max_recipients=MAX_RECIPIENTS,
+    max_connections=MAX_CONNECTIONS,
     # 30 MB per JSON request; attachments grow by a third in base64
     max_message_bytes=MAX_REQUEST_BYTES * 3 // 4 - 64 * 1024,
 )

@@ -55,7 +55,7 @@ from smtpproxy.threads import Offload
 
 MAX_RECIPIENTS = 50
 MAX_MESSAGE_BYTES = 40 * 1000 * 1000
-DEFAULT_MAX_CONNECTIONS = 10
+DEFAULT_MAX_CONNECTIONS = 64  # sends in flight, each a thread of boto3
 DEFAULT_ENDPOINT = "https://email.{region}.amazonaws.com"
 
 # ClientError codes, by what a later attempt can change
