@@ -3,10 +3,13 @@ or from a self-signed one generated once under <data_dir>/tls when none is confi
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import ipaddress
 import os
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
@@ -19,10 +22,27 @@ from smtpproxy.config import Config
 from smtpproxy.errors import ConfigError
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write a file whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Hold <directory>/.lock: several processes on one data_dir (smtp.reuse_port)
+    starting together must not each make a pair and load one's certificate with the
+    other's key."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def generate_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
@@ -45,15 +65,16 @@ def generate_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "selfsigned.crt", directory / "selfsigned.key"
-    _write_private(
+    _write(
         key_path,
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ),
+        0o600,
     )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path
 
 
@@ -63,8 +84,9 @@ def certificate_paths(cfg: Config) -> tuple[Path, Path]:
         return Path(cfg.smtp.tls_cert), Path(cfg.smtp.tls_key)
     directory = Path(cfg.data_dir) / "tls"
     cert, key = directory / "selfsigned.crt", directory / "selfsigned.key"
-    if not (cert.is_file() and key.is_file()):
-        cert, key = generate_self_signed(directory, cfg.smtp.effective_hostname())
+    with _exclusive(directory):
+        if not (cert.is_file() and key.is_file()):
+            cert, key = generate_self_signed(directory, cfg.smtp.effective_hostname())
     logger.warning(
         "no smtp.tls_cert configured: STARTTLS uses a self-signed certificate ({}); "
         "clients that verify certificates will refuse it",

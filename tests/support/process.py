@@ -53,6 +53,7 @@ class SmtpProxyProcess:
         self.smtp_port = 0
         self.health_port = 0
         self._ready = threading.Event()
+        self._ended = False
         full_env = {**os.environ, **(env or {})}
         full_env.pop("SMTPPROXY_CONFIG", None)
         self.proc = subprocess.Popen(
@@ -81,11 +82,13 @@ class SmtpProxyProcess:
                 self.health_port = int(m.group(2))
             if msg == "smtpproxy ready":
                 self._ready.set()
+        self._ended = True  # the output closed: the process is exiting
         self._ready.set()
 
     def wait_ready(self, timeout: float = 30) -> None:
-        """Blocking: until the process says it is ready (or dies)."""
-        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+        """Blocking: until the process says it is ready (or dies: its output closing
+        before it said so counts, even if it has not been reaped yet)."""
+        if not self._ready.wait(timeout) or self._ended or self.proc.poll() is not None:
             raise RuntimeError("smtpproxy did not start:\n" + "".join(self.raw[-30:]))
 
     def messages(self, level: str | None = None) -> list[str]:
