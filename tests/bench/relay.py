@@ -7,6 +7,7 @@ Postfix relaying the same mail to smtp-sink. Issue 12's figures, one command eac
     just bench-relay --drain                 # a 6,000-message backlog, then delivery on
     just bench-relay --drain --delay 0.2     # ... to a provider answering after 200 ms
     just bench-relay --ingest-while-delivering   # ingest alone vs ingest with delivery
+    just bench-relay --at-rest               # first wait out ext4's slow time after deletes
 
 End to end: 50 sessions send 10,000 unique 10 KB messages (AUTH for smtpproxy; Postfix
 trusts 127.0.0.0/8) while the target delivers them; the rate is messages over the time
@@ -16,17 +17,18 @@ provider is nginx answering at once (tests/bench/httpsink.py), Postfix's next ho
 smtp-sink. Drain: the backlog is accepted with delivery off, then the instance is
 restarted with delivery on, and the rate is the backlog over the time from ready to
 the last delivery. Postfix needs the `postfix` package and root; the provider needs
-`nginx-light`.
+`nginx-light`. Runs delete their files only when the benchmark ends: ext4 creates files
+slowly for minutes after mass deletes, and a run must not pay for the one before it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.httpsink import DelayedSink, NginxSink
-from tests.bench.ingest import services
+from tests.bench.ingest import services, settle_filesystem
 from tests.bench.smtpload import Target, load
 from tests.bench.targets import (
     PostfixInstance,
@@ -43,9 +45,19 @@ from tests.bench.targets import (
     SmtpProxyInstance,
     free_port,
     machine_busy_seconds,
+    note_cleanup,
 )
 
 Sink = NginxSink | DelayedSink
+# data directories of finished runs, deleted when the benchmark ends (targets.py)
+LEFT: list[tempfile.TemporaryDirectory[str]] = []
+
+
+def _outbox() -> Path:
+    """Where the file provider writes, removed with the other files at the end."""
+    directory = tempfile.TemporaryDirectory(prefix="smtpproxy-bench-outbox-", dir="/var/tmp")
+    LEFT.append(directory)
+    return Path(directory.name)
 
 
 def provider_settings(provider: str, sink: Sink | None, outbox: Path) -> dict[str, Any]:
@@ -120,7 +132,7 @@ def wait_for(done: Callable[[], bool], timeout: float, what: str) -> float:
 
 def end_to_end_smtpproxy(args: argparse.Namespace) -> dict[str, Any]:
     admin_url, redis_url = services()
-    outbox = Path(f"/var/tmp/smtpproxy-bench-outbox-{os.getpid()}")
+    outbox = _outbox()
     with provider_sink(args) as sink:
         inst = SmtpProxyInstance(
             admin_url,
@@ -149,8 +161,7 @@ def end_to_end_smtpproxy(args: argparse.Namespace) -> dict[str, Any]:
             rss = sampler.stop()
             failed = accepted - inst.count("delivered")
         finally:
-            inst.close()
-            shutil.rmtree(outbox, ignore_errors=True)
+            inst.close(keep_files=LEFT)
     elapsed = end - start
     return {
         "target": f"smtpproxy/{args.provider}",
@@ -215,7 +226,7 @@ def end_to_end_postfix(args: argparse.Namespace) -> dict[str, Any]:
 
 def drain(args: argparse.Namespace) -> dict[str, Any]:
     admin_url, redis_url = services()
-    outbox = Path(f"/var/tmp/smtpproxy-bench-outbox-{os.getpid()}")
+    outbox = _outbox()
     with provider_sink(args) as sink:
         inst = SmtpProxyInstance(admin_url, redis_url, max_connections=max(1000, args.sessions))
         try:
@@ -236,8 +247,7 @@ def drain(args: argparse.Namespace) -> dict[str, Any]:
             busy = machine_busy_seconds() - busy0
             rss = sampler.stop()
         finally:
-            inst.close()
-            shutil.rmtree(outbox, ignore_errors=True)
+            inst.close(keep_files=LEFT)
     elapsed = end - start
     where = f"{args.delay * 1000:.0f} ms provider" if args.delay else "instant provider"
     return {
@@ -266,7 +276,7 @@ def ingest_alone(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
     finally:
-        inst.close()
+        inst.close(keep_files=LEFT)
     return {
         "target": "smtpproxy ingest alone",
         "accepted": r["accepted"],
@@ -290,7 +300,7 @@ def show(r: dict[str, Any]) -> None:
     )
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--provider", choices=["sendgrid", "ses", "file", "postmark", "mailgun"])
     p.add_argument("--messages", type=int, default=10_000)
@@ -305,14 +315,33 @@ def main() -> None:
     p.add_argument("--max-connections", type=int, default=0, help="the provider's setting")
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--ingest-while-delivering", action="store_true")
+    p.add_argument(
+        "--at-rest",
+        action="store_true",
+        help="first wait until ext4 is past its slow time after a benchmark's deletes",
+    )
     args = p.parse_args()
     args.provider = args.provider or "sendgrid"
-    try:
+    return args
+
+
+def compare(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:
+    """The ratio of the two targets in each round."""
+    (a_name, a), (b_name, b) = results.items()
+    for i, (ra, rb) in enumerate(zip(a, b, strict=False), start=1):
+        if args.ingest_while_delivering:  # ingest with delivery, over ingest alone
+            ratio = rb["ingest_rate"] / ra["ingest_rate"]
+            print(f"round {i}: ingest while delivering / alone = {ratio:.2f}x")
+        else:
+            print(f"round {i}: {a_name} / {b_name} = {ra['rate'] / rb['rate']:.2f}x")
+
+
+def main() -> None:
+    args = arguments()
+    with suppress(ImportError):
         import uvloop
 
         uvloop.install()
-    except ImportError:
-        pass
     if args.drain:
         runs = [drain]
     elif args.ingest_while_delivering:
@@ -322,6 +351,7 @@ def main() -> None:
     else:
         runs = [end_to_end_smtpproxy, end_to_end_postfix]
     results: dict[str, list[dict[str, Any]]] = {}
+    settle_filesystem(args.at_rest)
     try:
         for _ in range(args.rounds):
             for run in runs:
@@ -330,14 +360,13 @@ def main() -> None:
                 results.setdefault(r["target"], []).append(r)
     except PostfixUnavailable as exc:
         sys.exit(f"cannot run the Postfix comparison: {exc}")
+    finally:
+        for tmp in LEFT:
+            tmp.cleanup()
+        if LEFT:
+            note_cleanup()
     if len(results) == 2:
-        (a_name, a), (b_name, b) = results.items()
-        key = "ingest_rate" if args.ingest_while_delivering else "rate"
-        for i, (ra, rb) in enumerate(zip(a, b, strict=False), start=1):
-            if args.ingest_while_delivering:  # ingest with delivery, over ingest alone
-                print(f"round {i}: ingest while delivering / alone = {rb[key] / ra[key]:.2f}x")
-            else:
-                print(f"round {i}: {a_name} / {b_name} = {ra[key] / rb[key]:.2f}x")
+        compare(args, results)
 
 
 if __name__ == "__main__":
