@@ -360,6 +360,8 @@ class PostfixInstance:
         return log.read_text().count(" status=sent ") if log.exists() else 0
 
     def close(self) -> None:
+        """Stop Postfix and remove its files. Its queue files were deleted as it
+        delivered them, so the filesystem's slow time after deletes starts now too."""
         self._postfix("stop")
         deadline = time.monotonic() + 15
         while Path(f"/proc/{self.pid}").exists() and time.monotonic() < deadline:
