@@ -43,6 +43,15 @@ def stream_entries(redis_url: str, key: str) -> list[tuple[str, dict[str, str]]]
         client.close()
 
 
+async def dead_letters(redis_url: str, key_prefix: str) -> list[tuple[str, dict[str, str]]]:
+    """The dead-letter stream once it has an entry: the recorder writes it after the
+    outcome is committed in PostgreSQL, so it may follow the status by a moment."""
+    with trio.fail_after(10):
+        while not (dead := stream_entries(redis_url, f"{key_prefix}:dlq")):
+            await trio.sleep(0.02)
+    return dead
+
+
 def logs(pg_url: str, mid: str) -> list[dict[str, Any]]:
     with psycopg.connect(pg_url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         return cur.execute(
@@ -196,7 +205,7 @@ async def test_exhausted_retries_are_dead_lettered(
     stop.set()
     assert row["attempts"] == 2
     assert [a["status"] for a in logs(pg_url, mid)] == ["retrying", "dlq"]
-    dead = stream_entries(redis_url, f"{key_prefix}:dlq")
+    dead = await dead_letters(redis_url, key_prefix)
     assert [fields["id"] for _, fields in dead] == [mid]
     assert dead[0][1]["attempts"] == "2"
 
@@ -247,7 +256,7 @@ async def test_missing_body_is_storage_error(
     assert "body missing" in row["last_error"]
     [entry] = logs(pg_url, "01TESTNOBODY000000000000AA")
     assert entry["status"] == "storage_error"
-    dead = stream_entries(redis_url, f"{key_prefix}:dlq")
+    dead = await dead_letters(redis_url, key_prefix)
     assert [f["id"] for _, f in dead] == ["01TESTNOBODY000000000000AA"]
     assert not (tmp_path / "outbox").exists()
 

@@ -618,17 +618,25 @@ async def test_parallel_guesses_are_held_back_without_redis_too(
 
 def guesses_at_once(port: int, wrong: int, password: str, sessions: int = 0) -> list[int]:
     """Open TLS sessions from one address (sessions, or wrong + 1), then send AUTH on all
-    of them without waiting for any answer: `wrong` wrong passwords first, then the
-    right one. Returns the AUTH reply codes in sending order."""
+    of them without waiting for any answer: `wrong` wrong passwords first, then, once
+    the first of them is answered (the server has read them all: the order in which it
+    reads a burst of sessions is its own), the right one on the rest. Returns the AUTH
+    reply codes in sending order."""
     clients = []
     try:
         for _ in range(sessions or wrong + 1):
             clients.append(smtp.connect(port, timeout=60))
-        for n, client in enumerate(clients):
-            secret = password if n >= wrong else f"wrong-{n}"
+
+        def auth(client: smtplib.SMTP, secret: str) -> None:
             blob = base64.b64encode(f"\0app\0{secret}".encode()).decode()
             client.send(f"AUTH PLAIN {blob}\r\n")
-        return [client.getreply()[0] for client in clients]
+
+        for n, client in enumerate(clients[:wrong]):
+            auth(client, f"wrong-{n}")
+        codes = [clients[0].getreply()[0]] if wrong else []
+        for client in clients[wrong:]:
+            auth(client, password)
+        return codes + [client.getreply()[0] for client in clients[1 if wrong else 0 :]]
     finally:
         for client in clients:
             client.close()

@@ -89,6 +89,8 @@ class Authenticator:
         self.shared = SharedFailures(res.redis, res.cfg.redis.key_prefix, self.tracker)
         self._counts: dict[tuple[str, str], tuple[Counts, float]] = {}
         self._settled = trio.Event()  # set when an attempt of this process is decided
+        # attempts waiting for a place, per (address, username), in the order they came
+        self._lines: dict[tuple[str, str], collections.deque[object]] = {}
         self.cache_hits = 0
         self._pruned = 0.0
 
@@ -177,33 +179,56 @@ class Authenticator:
         stay under smtp.auth_max_failures: an attempt that would pass it waits for the
         others' outcomes, so sessions opened at once get no more guesses than one
         session guessing in turn. In Redis for every instance; in this process alone
-        while Redis does not answer."""
+        while Redis does not answer. Attempts of one address and username waiting in
+        this process take their places in the order they came, as if they came in turn:
+        which of many parallel guesses is checked is not left to chance."""
         deadline = trio.current_time() + RESERVE_WAIT
-        while True:
-            # this process's own place first: should Redis stop answering halfway, the
-            # checks already under way here still count
-            verdict = self.tracker.reserve(client_ip, username, trio.current_time())
-            ticket = _Ticket("", None)
-            if verdict == "ok":
-                try:
-                    verdict, counts, reservation = await self._res.redis_offload(
-                        self.shared.reserve, client_ip, username, time.time()
+        pair = (client_ip, username)
+        line = self._lines.setdefault(pair, collections.deque())
+        place = object()
+        line.append(place)
+        try:
+            while True:
+                if line[0] is place:
+                    verdict, ticket = await self._try_reserve(client_ip, username, log)
+                    if verdict == "ok":
+                        return ticket
+                    if verdict == "locked":
+                        log.warning(
+                            "AUTH refused: too many recent failures from this client or user"
+                        )
+                        return TOO_MANY_FAILURES
+                if trio.current_time() >= deadline:
+                    log.warning(
+                        "AUTH deferred: too many attempts in progress for this client or user"
                     )
-                    ticket = _Ticket(reservation, counts)
-                except QueueUnavailable as exc:
-                    log.warning("AUTH failure counters unavailable in Redis, using ours: {}", exc)
-                if verdict != "ok":
-                    self.tracker.settle(client_ip, username)
-            if verdict == "ok":
-                return ticket
-            if verdict == "locked":
-                log.warning("AUTH refused: too many recent failures from this client or user")
-                return TOO_MANY_FAILURES
-            if trio.current_time() >= deadline:
-                log.warning("AUTH deferred: too many attempts in progress for this client or user")
-                return replies.AUTH_TEMPFAIL
-            with trio.move_on_after(RESERVE_POLL):  # another instance's outcome shows here
-                await self._settled.wait()
+                    return replies.AUTH_TEMPFAIL
+                with trio.move_on_after(RESERVE_POLL):  # another instance's outcome shows here
+                    await self._settled.wait()
+        finally:
+            line.remove(place)
+            if not line:
+                del self._lines[pair]
+            self._wake_waiters()  # the next in line may try now
+
+    async def _try_reserve(self, client_ip: str, username: str, log: Any) -> tuple[str, _Ticket]:
+        """One try for a place: ('ok', its ticket), 'wait' or 'locked'."""
+        # this process's own place first: should Redis stop answering halfway, the
+        # checks already under way here still count
+        verdict = self.tracker.reserve(client_ip, username, trio.current_time())
+        ticket = _Ticket("", None)
+        if verdict != "ok":
+            return verdict, ticket
+        try:
+            verdict, counts, reservation = await self._res.redis_offload(
+                self.shared.reserve, client_ip, username, time.time()
+            )
+            ticket = _Ticket(reservation, counts)
+        except QueueUnavailable as exc:
+            log.warning("AUTH failure counters unavailable in Redis, using ours: {}", exc)
+        if verdict != "ok":
+            self.tracker.settle(client_ip, username)
+        return verdict, ticket
 
     def _wake_waiters(self) -> None:
         self._settled.set()
