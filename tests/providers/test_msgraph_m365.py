@@ -13,13 +13,15 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any
 
+import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from smtpproxy.delivery.providers.base import ProviderSpec
+from smtpproxy.delivery import providers
+from smtpproxy.delivery.providers.base import ProviderConfigError, ProviderSpec
 from smtpproxy.delivery.providers.msgraph import GraphProvider
 from smtpproxy.models import OutcomeKind
 from tests.support import deliveries
@@ -270,6 +272,24 @@ async def test_certificate_credentials_sign_a_client_assertion() -> None:
     assert "client_secret" not in first and first["client_assertion"].count(".") == 2
     assert refused.kind == OutcomeKind.PERMANENT
     assert "invalid_client" in refused.detail and "AADSTS700027" in refused.detail
+
+
+def test_a_wrong_certificate_secret_is_refused_when_the_provider_is_built() -> None:
+    """`provider add` builds the provider: a key that is not the certificate's, a
+    missing certificate or key, are refused then with what is wrong."""
+    pem, _ = certificate_pem()
+    other, _ = certificate_pem()
+    key_part, cert_part = pem.split("-----BEGIN CERTIFICATE-----")
+    other_cert = "-----BEGIN CERTIFICATE-----" + other.split("-----BEGIN CERTIFICATE-----")[1]
+    cases = {
+        key_part + other_cert: "does not belong to the certificate",
+        key_part: "no PEM certificate",
+        "-----BEGIN CERTIFICATE-----" + cert_part: "no unencrypted PEM private key",
+    }
+    with FakeGraph() as fake:
+        for secret, says in cases.items():
+            with pytest.raises(ProviderConfigError, match=says):
+                providers.build(spec(fake, secret=secret, auth="certificate"))
 
 
 async def test_one_token_per_app_registration() -> None:

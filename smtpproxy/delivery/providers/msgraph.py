@@ -115,6 +115,11 @@ NO_MAILBOX = (
     "no mailbox {mailbox} in the Microsoft 365 tenant ({detail}): check the provider's "
     "user and send_as settings, and that the sender is a mailbox (not an alias)"
 )
+ACCESS_DENIED = (
+    "Microsoft Graph denied the app access to {mailbox} ({detail}): grant admin consent "
+    "for Mail.Send (and Mail.ReadWrite with large_messages), and include this mailbox in "
+    "the app's application access policy"
+)
 
 
 # ---------------------------------------------------------------------------- answers
@@ -141,11 +146,24 @@ def message_id(headers: Mapping[str, str]) -> str | None:
     return headers.get("request-id") or headers.get("client-request-id") or None
 
 
+def _advice(status: int, code: str) -> str | None:
+    """What to grant or check for a refusal that is about the mailbox or the app's rights."""
+    if code == "ErrorSendAsDenied":
+        return SEND_AS_DENIED
+    if status == 403 and code in ("ErrorAccessDenied", "AccessDenied"):
+        return ACCESS_DENIED
+    if code in ("ErrorInvalidUser", "MailboxNotEnabledForRESTAPI", "ResourceNotFound"):
+        return NO_MAILBOX
+    if status == 404 and code == "ErrorItemNotFound":
+        return NO_MAILBOX
+    return None
+
+
 def classify(status: int, headers: Mapping[str, str], text: str, mailbox: str = "") -> Outcome:
     """An answer of Graph: 2xx delivered; a 429 throttles the mailbox (paced, after
-    Retry-After); 5xx and Exchange's "later" codes retry; ErrorSendAsDenied and an
-    unknown mailbox are permanent and say what to grant; other 4xx (invalid recipients,
-    MIME, 401, 403, 413) are permanent."""
+    Retry-After); 5xx and Exchange's "later" codes retry; ErrorSendAsDenied, access
+    denied and an unknown mailbox are permanent and say what to grant; other 4xx
+    (invalid recipients, MIME, 401, 413) are permanent."""
     if 200 <= status < 300:
         return Outcome.delivered(message_id(headers), detail=f"HTTP {status}")
     code, message = _graph_error(text)
@@ -155,13 +173,10 @@ def classify(status: int, headers: Mapping[str, str], text: str, mailbox: str = 
         return Outcome.paced(f"HTTP 429: {detail}", 60.0 if wait is None else wait)
     if code in TRANSIENT_CODES:
         return Outcome.retry(f"HTTP {status}: {detail}", wait)
-    if code == "ErrorSendAsDenied":
-        return Outcome.permanent(SEND_AS_DENIED.format(mailbox=mailbox or "this mailbox"))
-    if code in ("ErrorInvalidUser", "MailboxNotEnabledForRESTAPI", "ResourceNotFound") or (
-        status == 404 and code == "ErrorItemNotFound"
-    ):
+    advice = _advice(status, code)
+    if advice:
         return Outcome.permanent(
-            NO_MAILBOX.format(mailbox=mailbox or "?", detail=f"HTTP {status}: {detail}")
+            advice.format(mailbox=mailbox or "this mailbox", detail=f"HTTP {status}: {detail}")
         )
     return http.classify_status(status, headers, detail)
 
