@@ -288,6 +288,7 @@ class Deliverer:
             log.warning("cannot pace mailbox {} (Redis): {}", pace.label, exc)
             return mailbox
         if admission.allowed:
+            await trio.sleep(admission.wait)  # a slot less than EARLY away
             return mailbox
         mailbox.release(None)
         reason = waiting_reason(pace, admission)

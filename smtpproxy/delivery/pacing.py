@@ -5,12 +5,14 @@ day, with 4 requests at once per application (more get 429 MailboxConcurrency). 
 provider that sends as mailboxes (msgraph) says, per delivery, which mailbox sends and
 its limits (a Pace); before the call the deliverer asks the Pacer for admission.
 
-* The minute: a sliding 60-second log of sends per mailbox. A message over the pace is
-  not refused but given a slot: the earliest time at which sending it keeps every
-  60-second window at the limit, reserved in the log under its id. The message waits
-  for its slot durably (back in PostgreSQL with next_attempt_at, not counted as an
-  attempt), and when it comes back it is let through at once: no message is turned
-  away twice, however long the queue behind one busy mailbox.
+* The minute: a sliding log of sends per mailbox, 60 seconds plus TRAVEL wide (Exchange
+  counts a send when it arrives, and one request may travel longer than the next). A
+  message over the pace is not refused but given a slot: the earliest time at which
+  sending it keeps every window at the limit, reserved in the log under its id. The
+  message waits for its slot durably (back in PostgreSQL with next_attempt_at, not
+  counted as an attempt), and when it comes back (at most EARLY before its slot) it
+  is let through at its slot: no message is turned away twice, however long the
+  queue behind one busy mailbox.
 * The day: a rolling 24-hour count of recipients per mailbox; a message that would pass
   it waits until enough of the day's recipients have left the window.
 * A hold: a 429 with Retry-After for a mailbox stops that mailbox alone for that long.
@@ -31,10 +33,16 @@ from smtpproxy.queue.streams import mapped_errors
 
 MINUTE = 60.0
 DAY = 86400.0
-EARLY = 0.5  # seconds before its slot a reserved message is let through
+# Exchange counts a send when the request arrives, and requests take different times to
+# get there: a slot is a minute and this much after the send it follows.
+TRAVEL = 1.0
+# a reserved message back this long before its slot (the scheduler's granularity) is let
+# through to wait for its slot in the process, not sent back through PostgreSQL
+EARLY = 2.0
 
-# KEYS: sends, recipients, hold; ARGV: now, message id, recipients, per minute, per day
-# -> {allowed (0/1), seconds to wait (text), what limits it}
+# KEYS: sends, recipients, hold; ARGV: now, message id, recipients, per minute, per day,
+# early, window -> {allowed (0/1), seconds to wait (text; when allowed, before sending),
+# what limits it}
 _ADMIT = """
 local now = tonumber(ARGV[1])
 local id = ARGV[2]
@@ -42,11 +50,12 @@ local n = tonumber(ARGV[3])
 local per_minute = tonumber(ARGV[4])
 local per_day = tonumber(ARGV[5])
 local early = tonumber(ARGV[6])
+local window = tonumber(ARGV[7])
 local held = redis.call('PTTL', KEYS[3])
 if held > 0 then
   return {0, tostring(held / 1000), 'hold'}
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 86400)
 local slot = redis.call('ZSCORE', KEYS[1], id)
 if slot then
@@ -54,7 +63,7 @@ if slot then
   if wait > early then
     return {0, tostring(wait), 'minute'}
   end
-  return {1, '0', ''}
+  return {1, tostring(math.max(wait, 0)), ''}
 end
 local day = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
 local total = 0
@@ -78,7 +87,7 @@ slot = now
 if k >= per_minute then
   local last = tonumber(sends[#sends])
   local nth = tonumber(sends[(k - per_minute) * 2 + 2])
-  slot = math.max(now, last, nth + 60)
+  slot = math.max(now, last, nth + window)
 end
 redis.call('ZADD', KEYS[1], slot, id)
 redis.call('EXPIRE', KEYS[1], math.ceil(slot - now) + 120)
@@ -87,7 +96,7 @@ redis.call('EXPIRE', KEYS[2], 86400 + 120)
 if slot - now > early then
   return {0, tostring(slot - now), 'minute'}
 end
-return {1, '0', ''}
+return {1, tostring(slot - now), ''}
 """
 
 
@@ -108,7 +117,7 @@ class Pace:
 @attrs.frozen
 class Admission:
     allowed: bool
-    wait: float = 0.0  # seconds until it may go
+    wait: float = 0.0  # seconds until it may go (allowed: to wait in the process first)
     limit: str = ""  # what holds it: "minute", "day" or "hold" (a 429)
 
 
@@ -139,7 +148,8 @@ class Pacer:
         self, pace: Pace, message_id: str, recipients: int, now: float | None = None
     ) -> Admission:
         """Blocking: may this message go now? If not, it holds a slot (or waits for the
-        day's window or a hold) and is told how long to wait."""
+        day's window or a hold) and is told how long to wait. Allowed with a wait: its
+        slot is less than EARLY away, to be waited for before sending."""
         args = (
             time.time() if now is None else now,
             message_id,
@@ -147,6 +157,7 @@ class Pacer:
             pace.per_minute,
             pace.recipients_per_day,
             EARLY,
+            MINUTE + TRAVEL,
         )
         with mapped_errors():
             allowed, wait, limit = self._admit(keys=self._keys(pace), args=args)
