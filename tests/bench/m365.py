@@ -4,7 +4,7 @@ another mailbox 20, at once, to a tenant whose Exchange allows 30 messages a min
 beyond them). Every message must be delivered without a single 429; the busy mailbox
 at most 30 in any 60 seconds; the quiet one not held up by it.
 
-    just bench-m365                       # 200 + 20, about seven minutes
+    just bench-m365                       # 200 + 20, about six and a half minutes
     just bench-m365 --busy 60 --quiet 10  # shorter
 
 It starts `smtpproxy run` (its own database, key prefix and data directory) with a
