@@ -30,6 +30,11 @@ bench *args:
 bench-relay *args:
     uv run python -m tests.bench.relay "$@"
 
+# Microsoft 365 pacing in real time: 200 + 20 messages from two mailboxes to the Graph
+# test server, no 429, at most 30 a minute per mailbox (tests/bench/m365.py)
+bench-m365 *args:
+    uv run python -m tests.bench.m365 "$@"
+
 # every ingest figure the README quotes, one after another (about 25 minutes: each run
 # that writes files waits 5 minutes after the previous one deleted its own, see
 # tests/bench/targets.py; run it on an otherwise idle machine; the Postfix runs need the

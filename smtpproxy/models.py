@@ -75,6 +75,9 @@ class OutcomeKind(enum.StrEnum):
     DELIVERED = "delivered"
     RETRY = "retry"
     PERMANENT = "permanent"
+    # the provider will take it later, for a reason of the sender's own (a mailbox's
+    # 429): not a failed attempt, and the provider itself is healthy
+    PACED = "paced"
 
 
 @attrs.frozen
@@ -103,6 +106,10 @@ class Outcome:
     @classmethod
     def permanent(cls, detail: str) -> Outcome:
         return cls(OutcomeKind.PERMANENT, detail)
+
+    @classmethod
+    def paced(cls, detail: str, retry_after: float) -> Outcome:
+        return cls(OutcomeKind.PACED, detail, retry_after=retry_after)
 
 
 @attrs.frozen

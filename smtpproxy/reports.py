@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from smtpproxy.delivery.pacing import PACED
 from smtpproxy.errors import UsageError
 from smtpproxy.models import Status
 
@@ -375,12 +376,15 @@ def timeline(
         )
     for m in (message, *children):
         if m["status"] in ("retrying", "queued") and m["next_attempt_at"] is not None:
+            detail = f"due (attempt {m['attempts'] + 1})"
+            if (m["last_error"] or "").startswith(PACED):
+                detail = f"{m['last_error']}; not counted as an attempt"
             events.append(
                 {
                     "at": m["next_attempt_at"],
                     "event": "next attempt",
                     "message_id": m["id"],
-                    "detail": f"due (attempt {m['attempts'] + 1})",
+                    "detail": detail,
                 }
             )
     if message["status"] == "sending" and message.get("claimed_at") is not None:

@@ -239,6 +239,24 @@ def release(msg: Claimed, reason: str, delay: float) -> Finish:
     )
 
 
+def paced(msg: Claimed, provider: str, reason: str, delay: float, policy: RetryPolicy) -> Finish:
+    """The message waits for its sender's pace: back for later without counting an
+    attempt, the reason kept for `message show`; dead-lettered when that would take it
+    past delivery.max_age."""
+    if msg.age() + delay > policy.max_age:
+        give_up = Decision(Status.DLQ, reason=f"still {reason} at delivery.max_age")
+        return attempt(msg, provider, Outcome.retry(reason), policy, decision=give_up)
+    return Finish(
+        msg=msg,
+        status=Status.RETRYING,
+        next_attempt_at=when(delay),
+        last_error=reason,
+        released=True,
+        calls=(Call(provider, "paced", None),),
+        says=(("INFO", f"{reason}: next try in {delay:.0f} s"),),
+    )
+
+
 def _partial(outcome: Outcome) -> str:
     parts = []
     if outcome.rejected:

@@ -35,9 +35,7 @@ def provider_size_limit(
     ptype = providers.TYPES.get(spec.type) if spec is not None else None
     if spec is None or ptype is None:
         return None, name
-    own = spec.settings.get("max_message_bytes")
-    limits = [v for v in (ptype.max_message_bytes, own) if isinstance(v, int) and v > 0]
-    return (min(limits) if limits else None), name
+    return ptype.message_limit(spec), name
 
 
 def too_big_for(

@@ -42,6 +42,7 @@ USER = "sender@contoso.example"
 DELIVERED = OutcomeKind.DELIVERED
 RETRY = OutcomeKind.RETRY
 PERMANENT = OutcomeKind.PERMANENT
+PACED = OutcomeKind.PACED
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -329,13 +330,18 @@ def test_build_request_is_one_line_of_base64_up_to_4_mb() -> None:
 
 
 def test_type_declares_graph_limits_and_settings() -> None:
-    """msgraph: 500 recipients, about 3 MB of MIME, a required client secret."""
+    """msgraph: 500 recipients, about 3 MB of MIME (35 MB with large_messages), a required
+    secret; `user` is required by the constructor unless send_as names the sender."""
     assert TYPE.name == "msgraph"
     assert TYPE.max_recipients == 500
     assert TYPE.max_message_bytes is not None
     assert len(base64.b64encode(b"x" * (TYPE.max_message_bytes + 16 * 1024))) <= MAX_REQUEST_BYTES
     assert TYPE.secret_required
-    assert {k for k, v in TYPE.settings.items() if v.required} == {"tenant_id", "client_id", "user"}
+    assert {k for k, v in TYPE.settings.items() if v.required} == {"tenant_id", "client_id"}
+    plain = ProviderSpec(name="g", type="msgraph")
+    large = ProviderSpec(name="g", type="msgraph", settings={"large_messages": True})
+    assert TYPE.message_limit(plain) == TYPE.max_message_bytes
+    assert TYPE.message_limit(large) == 35 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------------- classify
@@ -351,13 +357,8 @@ def graph_error(code: str, text: str = "what Graph said") -> str:
         (400, "ErrorInvalidRecipients", PERMANENT),
         (400, "ErrorMimeContentInvalidBase64String", PERMANENT),
         (401, "InvalidAuthenticationToken", PERMANENT),
-        (403, "ErrorAccessDenied", PERMANENT),
-        (403, "ErrorSendAsDenied", PERMANENT),
-        (404, "ErrorInvalidUser", PERMANENT),
-        (404, "MailboxNotEnabledForRESTAPI", PERMANENT),
+        (403, "ErrorQuotaExceeded", PERMANENT),
         (413, "RequestEntityTooLarge", PERMANENT),
-        (429, "ApplicationThrottled", RETRY),
-        (429, "TooManyRequests", RETRY),
         (500, "InternalServerError", RETRY),
         (503, "ServiceNotAvailable", RETRY),
         (504, "GatewayTimeout", RETRY),
@@ -371,6 +372,33 @@ def test_classify_graph_errors(status: int, code: str, kind: OutcomeKind) -> Non
     assert outcome.detail == f"HTTP {status}: {code}: what Graph said"
 
 
+@pytest.mark.parametrize("code", ["ApplicationThrottled", "MailboxConcurrency", "TooManyRequests"])
+def test_classify_429_paces_the_mailbox(code: str) -> None:
+    """A 429 is about the sending mailbox: paced (not a failed attempt), after its
+    Retry-After, or a minute when it gives none."""
+    outcome = classify(429, httpx.Headers({"Retry-After": "7"}), graph_error(code))
+    assert (outcome.kind, outcome.retry_after) == (PACED, 7)
+    assert outcome.detail == f"HTTP 429: {code}: what Graph said"
+    assert classify(429, httpx.Headers(), graph_error(code)).retry_after == 60
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "says"),
+    [
+        (403, "ErrorSendAsDenied", "application access policy"),
+        (404, "ErrorInvalidUser", "no mailbox a@contoso.example"),
+        (404, "MailboxNotEnabledForRESTAPI", "no mailbox a@contoso.example"),
+        (403, "ErrorAccessDenied", "admin consent for Mail.Send"),
+        (403, "ErrorAccessDenied", "application access policy"),
+    ],
+)
+def test_classify_mailbox_refusals_say_what_to_grant(status: int, code: str, says: str) -> None:
+    """Send As denied and an unknown mailbox are permanent and say what to do."""
+    outcome = classify(status, httpx.Headers(), graph_error(code), "a@contoso.example")
+    assert outcome.kind == PERMANENT
+    assert says in outcome.detail and "a@contoso.example" in outcome.detail
+
+
 def test_classify_202_is_delivered_with_request_id() -> None:
     """202 is delivered; Graph's request-id (else client-request-id) names the message."""
     headers = httpx.Headers({"request-id": "r-1", "client-request-id": "c-1"})
@@ -379,9 +407,9 @@ def test_classify_202_is_delivered_with_request_id() -> None:
     assert classify(202, httpx.Headers(), "").kind == DELIVERED
 
 
-@pytest.mark.parametrize("status", [429, 503, 504])
+@pytest.mark.parametrize("status", [503, 504])
 def test_classify_retry_honours_retry_after(status: int) -> None:
-    """429, 503 and 504 with Retry-After wait that long."""
+    """503 and 504 with Retry-After wait that long."""
     outcome = classify(status, httpx.Headers({"Retry-After": "7"}), graph_error("Busy"))
     assert outcome.kind == RETRY
     assert outcome.retry_after == 7
@@ -439,11 +467,13 @@ def test_save_to_sent_items_cannot_be_false() -> None:
 
 
 def test_required_settings_and_secret() -> None:
-    """tenant_id, client_id, user and the client secret are required."""
+    """tenant_id, client_id, user (with send_as user) and the client secret are required."""
     with FakeGraph() as fake:
-        for key in ("tenant_id", "client_id", "user"):
+        for key in ("tenant_id", "client_id"):
             with pytest.raises(ProviderConfigError, match=f"'{key}' is required"):
                 TYPE.validate(spec(fake, **{key: ""}))
+        with pytest.raises(ProviderConfigError, match="'user' is required"):
+            GraphProvider(spec(fake, user=""))
         with pytest.raises(ProviderConfigError, match="no client secret"):
             GraphProvider(spec(fake, secret=""))
 
@@ -610,8 +640,9 @@ async def test_old_token_is_used_while_the_token_endpoint_fails() -> None:
     assert [(r.status, r.token) for r in fake.sendmail_requests] == [(202, t1), (202, t1)]
 
 
-async def test_second_401_after_refresh_is_permanent() -> None:
-    """A 401 with the new token too is permanent, after exactly one refresh and one retry."""
+async def test_second_401_after_refresh_fails_over() -> None:
+    """A 401 with the new token too is a transient failure (a route's fallback provider
+    takes the message), after exactly one refresh and one retry."""
     with FakeGraph() as fake:
         for _ in range(2):
             fake.respond_error(
@@ -620,7 +651,7 @@ async def test_second_401_after_refresh_is_permanent() -> None:
         async with graph(fake) as provider:
             with trio.fail_after(10):
                 outcome = await provider.send(delivery())
-    assert outcome.kind == PERMANENT
+    assert outcome.kind == RETRY
     assert outcome.detail == (
         "HTTP 401: InvalidAuthenticationToken: Access token validation failure. "
         "(again with a new token)"
@@ -718,7 +749,7 @@ async def test_login_endpoint_unreachable_is_retry() -> None:
 @pytest.mark.parametrize(
     ("status", "code", "headers", "kind", "wait"),
     [
-        (429, "ApplicationThrottled", {"Retry-After": "7"}, RETRY, 7),
+        (429, "ApplicationThrottled", {"Retry-After": "7"}, PACED, 7),
         (503, "ServiceNotAvailable", {"Retry-After": "2"}, RETRY, 2),
         (504, "GatewayTimeout", {}, RETRY, None),
         (403, "ErrorAccessDenied", {}, PERMANENT, None),
@@ -738,7 +769,7 @@ async def test_send_scripted_graph_answers(
                 after = await provider.send(delivery())
     assert outcome.kind == kind
     assert outcome.retry_after == wait
-    assert outcome.detail == f"HTTP {status}: {code}: scripted"
+    assert f"HTTP {status}: {code}: scripted" in outcome.detail
     assert after.kind == DELIVERED
     assert len(fake.token_requests) == 1
 
@@ -750,7 +781,8 @@ async def test_unknown_mailbox_is_permanent() -> None:
             with trio.fail_after(10):
                 outcome = await provider.send(delivery())
     assert outcome.kind == PERMANENT
-    assert outcome.detail.startswith("HTTP 404: ErrorInvalidUser")
+    assert outcome.detail.startswith("no mailbox nobody@contoso.example in the Microsoft 365")
+    assert "HTTP 404: ErrorInvalidUser" in outcome.detail
 
 
 async def test_send_at_4_mb_is_delivered_and_over_is_permanent_without_request() -> None:

@@ -13,6 +13,33 @@ in ``errors``.
         ...  # POST fake.url + "/v1.0/users/<user>/sendMail" with the Bearer token
         assert fake.mime == [the exact MIME bytes Graph was given]
 
+Mail (large messages, learn.microsoft.com "Attach large files to Outlook messages"):
+  - POST /v1.0/users/{u}/messages, the MIME form (text/plain, base64, at most 4 MB):
+    201 with the draft's id and internetMessageId
+  - POST .../messages/{id}/attachments, a fileAttachment (JSON, contentBytes, under
+    3 MB of content): 201
+  - POST .../messages/{id}/attachments/createUploadSession with an AttachmentItem
+    (attachmentType file, name, size from 3 MB to 150 MB): 201 with uploadUrl (on this
+    server, pre-authenticated: a request to it with an Authorization header is refused)
+    and nextExpectedRanges
+  - PUT uploadUrl with Content-Range "bytes a-b/total", a the next expected byte, each
+    range at most 4 MB and a multiple of 320 KiB but the last: 200 with the next
+    expected ranges, 201 when complete (the attachment joins the draft)
+  - POST .../messages/{id}/send: 202, the draft and its attachments are sent
+  - DELETE .../messages/{id}: 204
+  Every sent message is in ``sent`` (mailbox, MIME, attachments, how).
+Exchange's behaviour the fake plays:
+  - a mailbox in ``send_as_denied``, or a From display name containing "@", is refused
+    with 403 ErrorSendAsDenied (observed: SMTP2Graph#28)
+  - ``mailbox_concurrency``: more requests at once for one mailbox get 429
+    MailboxConcurrency with Retry-After (``graph_delay`` makes requests overlap)
+  - ``mailbox_per_minute``: more sends in 60 seconds from one mailbox get 429
+    ApplicationThrottled with Retry-After
+  - ``certificate``: the token endpoint also takes a client assertion (JWT, PS256 or
+    RS256), checking its x5t#S256 or x5t against that certificate, its signature, aud
+    (this server's token URL), iss and sub (the client id) and its lifetime; a bad one
+    is 401 invalid_client AADSTS700027 (observed)
+
 Scripting: ``respond_with()`` / ``respond_error()`` queue the answer to the next valid
 sendMail request, ``respond_token_with()`` the next valid token request;
 ``token_lifetime`` is the expires_in of new tokens, ``expire_tokens()`` makes every
@@ -72,6 +99,7 @@ import base64
 import binascii
 import collections
 import email.policy
+import hashlib
 import json
 import re
 import time
@@ -102,6 +130,17 @@ RESOURCE = "https://graph.microsoft.com"
 SCOPE = RESOURCE + "/.default"
 TOKEN_PATH = re.compile(r"^/(?P<tenant>[^/]+)/oauth2/v2\.0/token$")
 SEND_PATH = re.compile(r"^/v1\.0/users/(?P<user>[^/]+)/sendMail$", re.IGNORECASE)
+MESSAGES_PATH = re.compile(r"^/v1\.0/users/(?P<user>[^/]+)/messages$", re.IGNORECASE)
+MESSAGE_PATH = re.compile(
+    r"^/v1\.0/users/(?P<user>[^/]+)/messages/(?P<id>[^/]+)"
+    r"(?P<rest>/send|/attachments|/attachments/createUploadSession)?$",
+    re.IGNORECASE,
+)
+UPLOAD_PATH = re.compile(r"^/upload/(?P<session>[0-9a-f]+)$")
+SMALL_LIMIT = 3 * 1000 * 1000  # fileAttachment content through POST
+UPLOAD_MIN, UPLOAD_MAX = 3 * 1000 * 1000, 150 * 1024 * 1024
+RANGE_UNIT = 320 * 1024
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 MSG_EXPIRED = "Lifetime validation failed, the token is expired."  # observed
 MSG_TENANT = (  # observed (AADSTS90002)
@@ -140,6 +179,42 @@ for _name in ("missing_param", "bad_grant", "bad_scope", "unknown_client", "bad_
 
 
 @dataclass
+class Attached:
+    name: str
+    content_type: str
+    content: bytes
+    inline: bool
+    content_id: str
+    via: str  # "request" or "upload"
+
+
+@dataclass
+class Sent:
+    """A message the fake sent: sendMail's MIME, or a draft's MIME and attachments."""
+
+    user: str
+    mime: bytes
+    attachments: list[Attached]
+    via: str  # "sendMail" or "draft"
+    at: float  # time.monotonic()
+
+
+@dataclass
+class _Draft:
+    user: str
+    mime: bytes
+    attachments: list[Attached] = field(default_factory=list)
+
+
+@dataclass
+class _Upload:
+    draft: str
+    item: dict[str, Any]
+    size: int
+    data: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
 class ReceivedRequest(fakehttp.ReceivedRequest):
     """One request as the fake saw it, and how it answered."""
 
@@ -172,6 +247,11 @@ class FakeGraph(FakeHTTP[ReceivedRequest]):
         users: tuple[str, ...] = ("sender@contoso.example",),
         token_lifetime: float = 3599,
         token_delay: float = 0.0,
+        certificate: bytes | None = None,  # DER of the app's certificate
+        send_as_denied: tuple[str, ...] = (),
+        mailbox_concurrency: int | None = None,
+        mailbox_per_minute: int | None = None,
+        graph_delay: float = 0.0,
     ) -> None:
         super().__init__(ReceivedRequest)
         self.tenant_id = tenant_id
@@ -182,6 +262,17 @@ class FakeGraph(FakeHTTP[ReceivedRequest]):
         self.token_delay = token_delay
         self._tokens: dict[str, float] = {}  # token -> monotonic expiry
         self._token_answers: collections.deque[Answer] = collections.deque()
+        self.certificate = certificate
+        self.send_as_denied = {u.lower() for u in send_as_denied}
+        self.mailbox_concurrency = mailbox_concurrency
+        self.mailbox_per_minute = mailbox_per_minute
+        self.graph_delay = graph_delay
+        self.sent: list[Sent] = []
+        self.drafts: dict[str, _Draft] = {}
+        self.deleted: list[str] = []
+        self._uploads: dict[str, _Upload] = {}
+        self._busy: collections.Counter[str] = collections.Counter()  # requests in progress
+        self.most_at_once: collections.Counter[str] = collections.Counter()
 
     # scripting
 
@@ -229,15 +320,29 @@ class FakeGraph(FakeHTTP[ReceivedRequest]):
 
     # request handling (server threads)
 
+    @property
+    def throttled(self) -> list[ReceivedRequest]:
+        """Requests answered 429."""
+        with self._lock:
+            return [r for r in self.requests if r.status == 429]
+
     def _answer(self, record: ReceivedRequest) -> Answer:
         path = urlsplit(record.path).path
         if match := TOKEN_PATH.match(path):
             record.kind = "token"
             return self._token(record, unquote(match["tenant"]))
-        if match := SEND_PATH.match(path):
-            record.kind = "sendmail"
-            record.user = unquote(match["user"])
-            return self._sendmail(record)
+        if match := UPLOAD_PATH.match(path):
+            record.kind = "upload"
+            return self._upload_range(record, match["session"])
+        for pattern, kind in (
+            (SEND_PATH, "sendmail"),
+            (MESSAGES_PATH, "draft"),
+            (MESSAGE_PATH, "message"),
+        ):
+            if match := pattern.match(path):
+                record.kind = kind
+                record.user = unquote(match["user"])
+                return self._mailbox_request(record, match)
         segment = next((s for s in reversed(path.split("/")) if s), "")
         self._graph_refuse(
             record, 400, "BadRequest", f"Resource not found for the segment '{segment}'."
@@ -271,7 +376,7 @@ class FakeGraph(FakeHTTP[ReceivedRequest]):
         )
         raise Refused(answer, f"token: {error}: {text}")
 
-    def _token(self, record: ReceivedRequest, tenant: str) -> Answer:
+    def _token(self, record: ReceivedRequest, tenant: str) -> Answer:  # noqa: PLR0912 - each check of the documented request
         if self.token_delay:
             time.sleep(self.token_delay)
         if record.method != "POST":
@@ -283,7 +388,10 @@ class FakeGraph(FakeHTTP[ReceivedRequest]):
             except UnicodeDecodeError:
                 pairs = []
             record.form = dict(pairs)
+        assertion = record.form.get("client_assertion_type") == ASSERTION_TYPE
         for name in TOKEN_PARAMS:
+            if name == "client_secret" and assertion:
+                continue
             if not record.form.get(name):
                 self._token_refuse("missing_param", name=name)
         form = record.form
@@ -296,7 +404,9 @@ class FakeGraph(FakeHTTP[ReceivedRequest]):
             self._token_failure(400, "invalid_request", 90002, text)
         if form["client_id"] != self.client_id:
             self._token_refuse("unknown_client", id=form["client_id"], tenant=tenant)
-        if form["client_secret"] != self.client_secret:
+        if assertion:
+            self._check_assertion(form.get("client_assertion", ""), tenant)
+        elif form["client_secret"] != self.client_secret:
             self._token_refuse("bad_secret", id=form["client_id"])
         with self._lock:
             if self._token_answers:
@@ -387,16 +497,6 @@ class FakeGraph(FakeHTTP[ReceivedRequest]):
                 self._graph_refuse(record, *_send_error("bad_recipient", x=address))
 
     def _sendmail(self, record: ReceivedRequest) -> Answer:
-        if record.method != "POST":
-            self._graph_refuse(
-                record, 405, "Request_BadRequest", "Specified HTTP method is not allowed."
-            )
-        self._check_token(record)
-        known = {u.lower() for u in self.users}
-        if (record.user or "").lower() not in known:
-            self._graph_refuse(
-                record, 404, "ErrorInvalidUser", f"The requested user '{record.user}' is invalid."
-            )
         if len(record.raw) > MAX_REQUEST_BYTES:
             self._graph_refuse(
                 record,
@@ -407,8 +507,306 @@ class FakeGraph(FakeHTTP[ReceivedRequest]):
         mime = self._decode_mime(record)
         record.mime = mime
         self._check_mime(record, mime)
+        self._check_send(record, mime)
         ids = self._ids(record)
         scripted = self._scripted()
         if scripted is not None:
             return Answer(scripted.status, scripted.body, {**ids, **scripted.headers})
+        with self._lock:
+            self.sent.append(Sent(record.user or "", mime, [], "sendMail", time.monotonic()))
         return Answer(202, b"", ids)
+
+    # the mailbox: who may send, how fast, how many at once
+
+    def _mailbox_request(self, record: ReceivedRequest, match: re.Match[str]) -> Answer:
+        if record.kind == "sendmail" and record.method != "POST":
+            self._graph_refuse(
+                record, 405, "Request_BadRequest", "Specified HTTP method is not allowed."
+            )
+        self._check_token(record)
+        known = {u.lower() for u in self.users}
+        user = (record.user or "").lower()
+        if user not in known:
+            self._graph_refuse(
+                record, 404, "ErrorInvalidUser", f"The requested user '{record.user}' is invalid."
+            )
+        with self._lock:
+            self._busy[user] += 1
+            busy = self._busy[user]
+            self.most_at_once[user] = max(self.most_at_once[user], busy)
+        try:
+            if self.mailbox_concurrency is not None and busy > self.mailbox_concurrency:
+                self._graph_refuse(
+                    record,
+                    429,
+                    "MailboxConcurrency",
+                    "Application is over its MailboxConcurrency limit.",
+                    {"Retry-After": "1"},
+                )
+            if self.graph_delay:
+                time.sleep(self.graph_delay)
+            if record.kind == "sendmail":
+                return self._sendmail(record)
+            if record.kind == "draft":
+                return self._create_draft(record)
+            return self._on_draft(record, unquote(match["id"]), match["rest"] or "")
+        finally:
+            with self._lock:
+                self._busy[user] -= 1
+
+    def _check_send(self, record: ReceivedRequest, mime: bytes) -> None:
+        """What Exchange checks when a mailbox sends: Send As, the From display name,
+        and the mailbox's sending rate."""
+        user = (record.user or "").lower()
+        sender = BytesParser(policy=email.policy.default).parsebytes(mime, headersonly=True)
+        names = [a.display_name for a in getattr(sender.get("from"), "addresses", ())]
+        if user in self.send_as_denied or any("@" in n for n in names):
+            self._graph_refuse(
+                record,
+                403,
+                "ErrorSendAsDenied",
+                "The user account which was used to submit this request does not have "
+                "the right to send mail on behalf of the specified sending account.",
+            )
+        if self.mailbox_per_minute is not None:
+            now = time.monotonic()
+            with self._lock:
+                recent = [x for x in self.sent if x.user.lower() == user and now - x.at < 60]
+            if len(recent) >= self.mailbox_per_minute:
+                self._graph_refuse(
+                    record,
+                    429,
+                    "ApplicationThrottled",
+                    "Mailbox send rate exceeded.",
+                    {"Retry-After": "60"},
+                )
+
+    # drafts, attachments, upload sessions
+
+    def _create_draft(self, record: ReceivedRequest) -> Answer:
+        if record.method != "POST":
+            self._graph_refuse(
+                record, 405, "Request_BadRequest", "Specified HTTP method is not allowed."
+            )
+        if len(record.raw) > MAX_REQUEST_BYTES:
+            self._graph_refuse(
+                record, 413, "RequestEntityTooLarge", "The request body is too large."
+            )
+        mime = self._decode_mime(record)
+        record.mime = mime
+        self._check_mime(record, mime)
+        draft_id = "AAMk" + uuid.uuid4().hex
+        header = BytesParser(policy=email.policy.default).parsebytes(mime, headersonly=True)
+        internet_id = str(header.get("message-id") or f"<{uuid.uuid4().hex}@fake.graph>")
+        with self._lock:
+            self.drafts[draft_id] = _Draft(record.user or "", mime)
+        body = {"id": draft_id, "internetMessageId": internet_id, "isDraft": True}
+        return Answer.of(201, body, {"Content-Type": "application/json", **self._ids(record)})
+
+    def _on_draft(self, record: ReceivedRequest, draft_id: str, rest: str) -> Answer:
+        with self._lock:
+            draft = self.drafts.get(draft_id)
+        if draft is None or draft.user.lower() != (record.user or "").lower():
+            self._graph_refuse(
+                record, 404, "ErrorItemNotFound", "The specified object was not found in the store."
+            )
+        assert draft is not None
+        ids = self._ids(record)
+        if rest == "" and record.method == "DELETE":
+            with self._lock:
+                self.drafts.pop(draft_id, None)
+                self.deleted.append(draft_id)
+            return Answer(204, b"", ids)
+        if record.method != "POST":
+            self._graph_refuse(
+                record, 405, "Request_BadRequest", "Specified HTTP method is not allowed."
+            )
+        if rest == "/send":
+            record.mime = draft.mime
+            self._check_send(record, draft.mime)
+            with self._lock:
+                self.drafts.pop(draft_id, None)
+                self.sent.append(
+                    Sent(draft.user, draft.mime, draft.attachments, "draft", time.monotonic())
+                )
+            return Answer(202, b"", ids)
+        item = self._json_body(record)
+        if rest == "/attachments":
+            return self._attach(record, draft, item, ids)
+        return self._create_upload(record, draft_id, item, ids)
+
+    def _json_body(self, record: ReceivedRequest) -> dict[str, Any]:
+        if record.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            self._graph_refuse(
+                record, 415, "UnsupportedMediaType", "Content-Type must be application/json."
+            )
+        try:
+            body = json.loads(record.raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            self._graph_refuse(record, 400, "BadRequest", "Invalid JSON.")
+        assert isinstance(body, dict)
+        return body
+
+    def _attach(
+        self, record: ReceivedRequest, draft: _Draft, item: dict[str, Any], ids: dict[str, str]
+    ) -> Answer:
+        if item.get("@odata.type") != "#microsoft.graph.fileAttachment" or not item.get("name"):
+            self._graph_refuse(record, 400, "ErrorInvalidAttachment", "Not a fileAttachment.")
+        if len(record.raw) > MAX_REQUEST_BYTES:
+            self._graph_refuse(record, 413, "RequestEntityTooLarge", "Too large.")
+        try:
+            content = base64.b64decode(str(item.get("contentBytes", "")), validate=True)
+        except (binascii.Error, ValueError):
+            self._graph_refuse(record, 400, "ErrorInvalidAttachment", "Invalid contentBytes.")
+            raise AssertionError("unreachable") from None
+        if len(content) >= SMALL_LIMIT:
+            self._graph_refuse(
+                record, 413, "ErrorAttachmentSizeLimitExceeded", "Use an upload session."
+            )
+        with self._lock:
+            draft.attachments.append(_attached(item, content, "request"))
+        return Answer.of(201, {"id": uuid.uuid4().hex}, {"Content-Type": "application/json", **ids})
+
+    def _create_upload(
+        self, record: ReceivedRequest, draft_id: str, body: dict[str, Any], ids: dict[str, str]
+    ) -> Answer:
+        item = body.get("AttachmentItem")
+        if not isinstance(item, dict) or item.get("attachmentType") != "file":
+            self._graph_refuse(record, 400, "BadRequest", "AttachmentItem of type file needed.")
+        assert isinstance(item, dict)
+        size = item.get("size")
+        if (
+            not isinstance(size, int)
+            or not UPLOAD_MIN <= size <= UPLOAD_MAX
+            or not item.get("name")
+        ):
+            self._graph_refuse(
+                record, 400, "ErrorAttachmentSizeLimitExceeded", "Size out of range (3-150 MB)."
+            )
+        assert isinstance(size, int)
+        session = uuid.uuid4().hex
+        with self._lock:
+            self._uploads[session] = _Upload(draft_id, item, size)
+        answer = {
+            "uploadUrl": f"{self.url}/upload/{session}",
+            "expirationDateTime": "2099-01-01T00:00:00Z",
+            "nextExpectedRanges": ["0-"],
+        }
+        return Answer.of(201, answer, {"Content-Type": "application/json", **ids})
+
+    def _upload_range(self, record: ReceivedRequest, session: str) -> Answer:
+        if record.method != "PUT":
+            self._graph_refuse(record, 405, "BadRequest", "PUT only.")
+        if "authorization" in record.headers:
+            # the upload URL is pre-authenticated; Graph documents that an Authorization
+            # header makes the PUT fail
+            self._graph_refuse(record, 401, "InvalidAuthenticationToken", "Do not authorize.")
+        with self._lock:
+            upload = self._uploads.get(session)
+        if upload is None:
+            self._graph_refuse(record, 404, "ItemNotFound", "No such upload session.")
+        assert upload is not None
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", record.headers.get("content-range", ""))
+        if m is None:
+            self._graph_refuse(record, 400, "InvalidRange", "Content-Range bytes a-b/total.")
+        assert m is not None
+        start, end, total = (int(x) for x in m.groups())
+        length = end - start + 1
+        last = end + 1 == total
+        problems = [
+            total != upload.size and "total is not the session's size",
+            start != len(upload.data) and f"expected byte {len(upload.data)} next",
+            length != len(record.raw) and "range and body lengths differ",
+            length > MAX_REQUEST_BYTES and "range over 4 MB",
+            not last and length % RANGE_UNIT and "range not a multiple of 320 KiB",
+        ]
+        for problem in problems:
+            if problem:
+                self._graph_refuse(record, 416, "InvalidRange", str(problem))
+        with self._lock:
+            upload.data += record.raw
+            if not last:
+                return Answer.of(200, {"nextExpectedRanges": [f"{end + 1}-"]})
+            self._uploads.pop(session, None)
+            draft = self.drafts.get(upload.draft)
+            if draft is not None:
+                draft.attachments.append(_attached(upload.item, bytes(upload.data), "upload"))
+        return Answer.of(201, {}, {"Location": f"{self.url}/attachments/{session}"})
+
+    def _check_assertion(self, jwt: str, tenant: str) -> None:
+        why = (
+            "no certificate registered"
+            if self.certificate is None
+            else check_client_assertion(
+                jwt, self.certificate, self.client_id, f"{self.url}/{tenant}/oauth2/v2.0/token"
+            )
+        )
+        if why is not None:
+            text = f"AADSTS700027: Client assertion failed signature validation ({why})."
+            self._token_failure(401, "invalid_client", 700027, text)
+
+
+def _attached(item: Mapping[str, Any], content: bytes, via: str) -> Attached:
+    return Attached(
+        name=str(item.get("name")),
+        content_type=str(item.get("contentType") or ""),
+        content=content,
+        inline=bool(item.get("isInline")),
+        content_id=str(item.get("contentId") or ""),
+        via=via,
+    )
+
+
+# ---------------------------------------------------------------------------- assertions
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def check_client_assertion(  # noqa: PLR0911 - a reason for each way it can be wrong
+    jwt: str, certificate_der: bytes, client_id: str, audience: str
+) -> str | None:
+    """Why a client assertion is not valid for this app (None: it is)."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    try:
+        head_b64, claims_b64, signature_b64 = jwt.split(".")
+        header = json.loads(_unb64url(head_b64))
+        claims = json.loads(_unb64url(claims_b64))
+        signature = _unb64url(signature_b64)
+    except ValueError:
+        return "not a JWT"
+    sha256 = base64.urlsafe_b64encode(hashlib.sha256(certificate_der).digest()).rstrip(b"=")
+    sha1 = base64.urlsafe_b64encode(hashlib.sha1(certificate_der).digest()).rstrip(b"=")
+    if header.get("x5t#S256", "").encode() != sha256 and header.get("x5t", "").encode() != sha1:
+        return "unknown certificate thumbprint"
+    key = x509.load_der_x509_certificate(certificate_der).public_key()
+    assert isinstance(key, rsa.RSAPublicKey)
+    signed = f"{head_b64}.{claims_b64}".encode()
+    pad: padding.AsymmetricPadding
+    if header.get("alg") == "PS256":
+        pad = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    elif header.get("alg") == "RS256":
+        pad = padding.PKCS1v15()
+    else:
+        return f"alg {header.get('alg')!r}"
+    try:
+        key.verify(signature, signed, pad, hashes.SHA256())
+    except InvalidSignature:
+        return "bad signature"
+    now = time.time()
+    if claims.get("aud") != audience:
+        return f"aud {claims.get('aud')!r}"
+    if claims.get("iss") != client_id or claims.get("sub") != client_id:
+        return "iss/sub"
+    if not claims.get("jti"):
+        return "no jti"
+    if not (claims.get("nbf", now + 1) <= now + 300 and claims.get("exp", 0) > now):
+        return "lifetime"
+    return None

@@ -79,14 +79,16 @@ FROM messages WHERE id = ANY(%(ids)s::text[]) AND id NOT IN (SELECT id FROM clai
 -- End the claims of a batch of attempts, each as its Finish says (delivery/records.py);
 -- only rows this consumer still holds: an id missing from the result was taken over
 -- meanwhile, and nothing of its attempt is recorded. A released claim (provider
--- saturated) does not count its attempt and keeps the last provider and error.
+-- saturated, or waiting for its mailbox's pace) does not count its attempt and keeps
+-- the last provider, and the last error unless it says why it waits.
 UPDATE messages m
 SET status = u.status,
     attempts = m.attempts - CASE WHEN u.released THEN 1 ELSE 0 END,
     next_attempt_at = u.next_attempt_at,
     provider_name = CASE WHEN u.released THEN m.provider_name ELSE u.provider_name END,
     provider_message_id = coalesce(u.provider_message_id, m.provider_message_id),
-    last_error = CASE WHEN u.released THEN m.last_error ELSE u.last_error END,
+    last_error = CASE WHEN u.released AND u.last_error IS NULL THEN m.last_error
+                      ELSE u.last_error END,
     claimed_by = NULL, claimed_at = NULL, updated_at = now(),
     finished_at = CASE WHEN u.final THEN now() END
 FROM unnest(%(ids)s::text[], %(statuses)s::text[], %(released)s::bool[],

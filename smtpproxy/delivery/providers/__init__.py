@@ -5,6 +5,7 @@ from __future__ import annotations
 from smtpproxy.delivery.providers import file, mailgun, msgraph, postmark, sendgrid, ses, smtp
 from smtpproxy.delivery.providers.base import (
     Delivery,
+    Paced,
     Provider,
     ProviderConfigError,
     ProviderSpec,
@@ -27,6 +28,7 @@ TYPES: dict[str, ProviderType] = {
 __all__ = [
     "TYPES",
     "Delivery",
+    "Paced",
     "Provider",
     "ProviderConfigError",
     "ProviderSpec",

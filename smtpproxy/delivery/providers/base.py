@@ -10,12 +10,15 @@ ProviderConfigError only when its settings make it unusable (a recorded failure)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
 from smtpproxy.errors import SmtpProxyError
 from smtpproxy.models import Outcome
+
+if TYPE_CHECKING:
+    from smtpproxy.delivery.pacing import Pace
 
 
 class ProviderConfigError(SmtpProxyError):
@@ -88,6 +91,14 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class Paced(Protocol):
+    """A provider whose sending identities (mailboxes) have limits of their own: it
+    names, per delivery, who sends it and at what pace (delivery/pacing.py)."""
+
+    def pace(self, delivery: Delivery) -> Pace | None: ...
+
+
 @attrs.frozen
 class SettingInfo:
     description: str
@@ -113,6 +124,16 @@ class ProviderType:
     max_recipients: int | None = None  # per request; larger route groups are split
     max_message_bytes: int | None = None  # largest raw message the provider can take
     max_connections: int = 20  # default of the max_connections setting: calls at once
+    # the largest message as a provider's settings make it (replaces max_message_bytes)
+    limit_for: Callable[[ProviderSpec], int | None] | None = None
+
+    def message_limit(self, spec: ProviderSpec) -> int | None:
+        """The largest message this provider takes: the type's limit (as its settings
+        make it), lowered by the max_message_bytes setting."""
+        base = self.limit_for(spec) if self.limit_for is not None else self.max_message_bytes
+        own = spec.settings.get("max_message_bytes")
+        limits = [v for v in (base, own) if isinstance(v, int) and v > 0]
+        return min(limits) if limits else None
 
     def all_settings(self) -> Mapping[str, SettingInfo]:
         """This type's settings and the ones every provider takes."""

@@ -1,63 +1,58 @@
-"""Microsoft Graph sendMail with MIME content (POST /v1.0/users/{user}/sendMail).
+"""Microsoft Graph: Microsoft 365 mailboxes send the mail (sendMail with MIME content, or
+a draft and its attachments for large messages).
 
-Graph's documented way to send a MIME message: the whole message base64-encoded as the
-request body, Content-Type text/plain, Authorization: Bearer <token> (user: sendMail,
-learn.microsoft.com/graph/api/user-sendmail). Success is 202 Accepted with no body and
-no message id: the answer's request-id header (else client-request-id, which is sent
-with every request) names the attempt.
+Small mail takes one request, Graph's documented way to send a MIME message: POST
+/v1.0/users/{mailbox}/sendMail with the whole message base64-encoded, Content-Type
+text/plain (learn.microsoft.com/graph/api/user-sendmail). Success is 202 with no body:
+the answer's request-id (else the client-request-id sent with every request) names it.
 
-Tokens: OAuth2 client credentials (POST {login_endpoint}/{tenant_id}/oauth2/v2.0/token
-with client_id, client_secret, scope https://graph.microsoft.com/.default and
-grant_type client_credentials). A token is reused until min(5 minutes, half its
-lifetime) before expires_in runs out; concurrent sends wait on one lock for one fetch
-(and share its failure, so a wrong secret is one request, not one per waiting send).
-While the token endpoint fails, the old token is used until it is about to run out.
-When Graph answers 401 the token is fetched again once, unless another send has done
-so already, and the request is sent once more; a second 401 is permanent.
+Large mail (setting large_messages, which needs Mail.ReadWrite besides Mail.Send): a
+request carries at most 4 MB, so a bigger message becomes a draft created from its
+MIME without its largest attachments (POST /users/{mailbox}/messages), those
+attachments are added to it, under 3 MB each in one request (POST .../attachments) and
+larger ones through an upload session (POST .../attachments/createUploadSession, then
+ranged PUTs of at most 4 MB to the pre-authenticated upload URL), and the draft is sent
+(POST .../messages/{id}/send). A draft left by a failure on the way is deleted.
 
-Recipients: Graph sends a MIME message to the addresses in its To, Cc and Bcc header
-fields (Exchange never shows Bcc to recipients); it has no envelope. prepare_mime()
-makes the headers say exactly this delivery's envelope:
-  - every envelope recipient that no To/Cc/Bcc field names is added in one Bcc field
-    at the top of the header (merged with a Bcc field the message already has, which
-    is then taken out), so Bcc recipients and route groups of envelope-only recipients
-    are reached and nobody sees them; nothing else in the message changes;
-  - when a To/Cc/Bcc (or Resent-To/Cc/Bcc) field names an address that is not an
-    envelope recipient of this delivery, the delivery is refused as permanent, without
-    a request: Graph would send to that address too, which the SMTP client did not ask
-    for (a message split across providers, or headers that differ from the envelope,
-    such as a mailing list's). Addresses compare case-insensitively, domains by their
-    Punycode form.
+Which mailbox sends (send_as): the `user` setting always (`user`, the default), or the
+envelope sender (`sender`, else the header From) or the header From (`from`, else the
+envelope sender) when it is allowed by `allowed_senders` (addresses, `*@domain` or
+domains); a sender it does not allow is sent as `user` when that is set, else refused.
+Exchange's ErrorSendAsDenied and an unknown mailbox are permanent failures that say
+what to grant.
 
-save_to_sent_items: for MIME content, sendMail has no way to say saveToSentItems
-(the parameter exists only in the JSON form; microsoftgraph/microsoft-graph-docs
-issue 18698), and Graph saves a copy in the mailbox's Sent Items. The setting is
-therefore true by default and only true: false is a configuration error instead of a
-promise Graph would not keep.
+Pacing: Exchange Online lets a mailbox send 30 messages a minute and 10,000 recipients a
+day, and an application make 4 requests at once per mailbox. pace() names the sending
+mailbox and these limits (settings messages_per_minute, recipients_per_day,
+concurrent_requests) and delivery/pacing.py keeps every mailbox to them; a 429 for a
+mailbox (MailboxConcurrency, ApplicationThrottled) holds that mailbox alone for its
+Retry-After.
 
-Limits: a request body of at most 4 MB (4,194,304 bytes; Graph refuses larger MIME
-payloads with 413), the base64 text included, so about 3 MB of MIME; checked before
-any request. At most 500 recipients per message (Exchange Online's default recipient
-limit; the consumer splits larger route groups, which works when those recipients are
-envelope-only).
+Credentials (graphauth.py): the client secret, or a certificate (auth = certificate,
+the secret then holding the PEM private key and certificate), tokens cached per app
+registration. When Graph answers 401 the token is fetched again once and the request
+sent once more; a second 401 is a transient failure, so a route's fallback provider
+takes the message.
+
+save_to_sent_items: Graph's MIME sendMail and send both keep a copy in the mailbox's
+Sent Items and have no way to say otherwise (microsoftgraph/microsoft-graph-docs issue
+18698); false is therefore a configuration error rather than a promise Graph would
+not keep.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import email.policy
 import json
 import uuid
-from collections.abc import Mapping
-from email.parser import BytesHeaderParser
+from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import attrs
-import trio
 
-from smtpproxy.delivery.providers import http
+from smtpproxy.delivery.pacing import Pace
+from smtpproxy.delivery.providers import graphauth, graphmime, http
 from smtpproxy.delivery.providers.base import (
     Delivery,
     ProviderConfigError,
@@ -65,17 +60,36 @@ from smtpproxy.delivery.providers.base import (
     ProviderType,
     SettingInfo,
 )
+from smtpproxy.delivery.providers.graphauth import classify_token, parse_token
+from smtpproxy.delivery.providers.graphmime import (
+    MAX_RECIPIENTS,
+    MAX_REQUEST_BYTES,
+    RequestError,
+    build_request,
+    prepare_mime,
+)
+from smtpproxy.domains import domain_of
 from smtpproxy.models import Outcome, OutcomeKind
+
+__all__ = [  # what tests and the registry read here
+    "MAX_REQUEST_BYTES",
+    "TYPE",
+    "GraphProvider",
+    "RequestError",
+    "build_request",
+    "classify",
+    "classify_token",
+    "message_id",
+    "parse_token",
+    "prepare_mime",
+]
 
 GRAPH_ENDPOINT = "https://graph.microsoft.com"
 LOGIN_ENDPOINT = "https://login.microsoftonline.com"
-SCOPE = "https://graph.microsoft.com/.default"
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
-MAX_RECIPIENTS = 500
-REFRESH_MARGIN = 300.0  # seconds before expiry a token is replaced (at most half its life)
-EXPIRY_SLACK = 30.0  # a token is not sent in its last seconds (at most a tenth of its life)
-RECIPIENT_FIELDS = ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc")
-BCC_LINE = 78
+UPLOAD_CHUNK = 10 * 320 * 1024  # bytes per PUT: a multiple of 320 KiB under 4 MB
+UPLOAD_MAX = 150 * 1024 * 1024  # an attachment through an upload session
+EXCHANGE_MESSAGE_MAX = 35 * 1024 * 1024  # Exchange Online's default message size limit
+SEND_AS = ("user", "sender", "from")
 # Exchange errors that say "later", whatever the status that carries them
 TRANSIENT_CODES = frozenset(
     {
@@ -91,134 +105,21 @@ TRANSIENT_CODES = frozenset(
         "activityLimitReached",
     }
 )
-
-_HEADERS = BytesHeaderParser(policy=email.policy.default)
-
-
-class RequestError(ValueError):
-    """The delivery cannot be sent as this MIME message through Graph (permanent)."""
-
-
-# ---------------------------------------------------------------------------- the message
-
-
-def _key(address: str) -> str:
-    """An address as compared: lower case, the domain in Punycode."""
-    local, at, domain = address.strip().rpartition("@")
-    if not at:
-        return address.strip().lower()
-    if not domain.isascii():
-        with contextlib.suppress(UnicodeError):  # not a valid IDN: compared as it is
-            domain = domain.encode("idna").decode("ascii")
-    return f"{local}@{domain}".lower()
-
-
-def header_recipients(raw: bytes, fields: tuple[str, ...] = RECIPIENT_FIELDS) -> list[str]:
-    """The addresses of the To, Cc, Bcc (and Resent-) fields, in order.
-
-    Raises RequestError when such a field cannot be read: Graph would still address
-    the message from it, to recipients nobody can check.
-    """
-    msg = _HEADERS.parsebytes(raw)
-    out: list[str] = []
-    for name in fields:
-        for value in msg.get_all(name) or []:
-            try:
-                addresses = value.addresses
-            except (AttributeError, ValueError, IndexError):
-                raise RequestError(f"cannot read the {name.title()} header field") from None
-            out.extend(_unescape(a.addr_spec) for a in addresses if a.addr_spec)
-    return out
-
-
-def _unescape(text: str) -> str:
-    """Header text as UTF-8: the parser keeps 8-bit bytes (RFC 6532) as surrogates."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _header_block(raw: bytes) -> tuple[list[bytes], bytes, bytes]:
-    """(header lines with their line ends, the rest from the blank line on, newline)."""
-    first = raw.find(b"\n")
-    newline = b"\r\n" if first > 0 and raw[first - 1 : first] == b"\r" else b"\n"
-    lines: list[bytes] = []
-    pos = 0
-    while pos < len(raw):
-        end = raw.find(b"\n", pos)
-        end = len(raw) if end < 0 else end + 1
-        line = raw[pos:end]
-        if line in (b"\r\n", b"\n"):
-            break
-        lines.append(line)
-        pos = end
-    return lines, raw[pos:], newline
-
-
-def _without_bcc(lines: list[bytes]) -> list[bytes]:
-    out: list[bytes] = []
-    dropping = False
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):  # a continuation of the field before
-            if not dropping:
-                out.append(line)
-            continue
-        dropping = line.split(b":", 1)[0].strip().lower() == b"bcc"
-        if not dropping:
-            out.append(line)
-    return out
-
-
-def _bcc_field(addresses: list[str], newline: bytes) -> bytes:
-    """One Bcc field, folded between addresses to keep lines near 78 characters."""
-    lines: list[str] = []
-    current = "Bcc: " + addresses[0]
-    for address in addresses[1:]:
-        if len(current) + 2 + len(address) > BCC_LINE:
-            lines.append(current + ",")
-            current = " " + address
-        else:
-            current += ", " + address
-    lines.append(current)
-    return b"".join(line.encode("utf-8") + newline for line in lines)
-
-
-def prepare_mime(delivery: Delivery) -> bytes:
-    """The MIME message Graph is to send: the body, with a Bcc field for the envelope
-    recipients its header does not name. Raises RequestError when the header names an
-    address that is not a recipient of this delivery (see the module docstring)."""
-    envelope = {_key(r): r for r in delivery.recipients}
-    if not envelope:
-        raise RequestError("no recipients")
-    if len(envelope) > MAX_RECIPIENTS:
-        raise RequestError(f"more than {MAX_RECIPIENTS} recipients in one Graph message")
-    if any("\r" in r or "\n" in r for r in envelope.values()):
-        raise RequestError("a recipient address contains a line break")
-    named = header_recipients(delivery.body)
-    named_keys = {_key(a) for a in named}
-    strangers = [a for a in dict.fromkeys(named) if _key(a) not in envelope]
-    if strangers:
-        raise RequestError(
-            "the header names recipients that are not in this delivery's envelope, and "
-            f"Graph sends to every address in To/Cc/Bcc: {http.short(', '.join(strangers), 200)}"
-        )
-    missing = [r for key, r in envelope.items() if key not in named_keys]
-    if not missing:
-        return delivery.body
-    lines, rest, newline = _header_block(delivery.body)
-    blind = {_key(a): a for a in [*header_recipients(delivery.body, ("bcc",)), *missing]}
-    return _bcc_field(list(blind.values()), newline) + b"".join(_without_bcc(lines)) + rest
-
-
-def build_request(delivery: Delivery) -> bytes:
-    """The sendMail request body: the prepared MIME message in base64 (ASCII, one line).
-
-    Raises RequestError when Graph cannot take it (recipients, or over 4 MB)."""
-    payload = base64.b64encode(prepare_mime(delivery))
-    if len(payload) > MAX_REQUEST_BYTES:
-        raise RequestError(
-            f"message too large for Graph ({len(payload)} bytes in base64, "
-            f"{MAX_REQUEST_BYTES} per request)"
-        )
-    return payload
+# what to do about a refusal that names the mailbox
+SEND_AS_DENIED = (
+    "Exchange refused to send as {mailbox} (ErrorSendAsDenied): give the app access to "
+    "this mailbox (include it in the app's application access policy; for a shared "
+    "mailbox, grant Send As), or send as another mailbox"
+)
+NO_MAILBOX = (
+    "no mailbox {mailbox} in the Microsoft 365 tenant ({detail}): check the provider's "
+    "user and send_as settings, and that the sender is a mailbox (not an alias)"
+)
+ACCESS_DENIED = (
+    "Microsoft Graph denied the app access to {mailbox} ({detail}): grant admin consent "
+    "for Mail.Send (and Mail.ReadWrite with large_messages), and include this mailbox in "
+    "the app's application access policy"
+)
 
 
 # ---------------------------------------------------------------------------- answers
@@ -245,50 +146,42 @@ def message_id(headers: Mapping[str, str]) -> str | None:
     return headers.get("request-id") or headers.get("client-request-id") or None
 
 
-def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
-    """A sendMail answer: 202 delivered; 429, 5xx and Exchange's "later" codes retry
-    (after Retry-After); 400 (invalid recipients, MIME), 401, 403 (access denied),
-    404 (no such mailbox) and 413 are permanent."""
+def _advice(status: int, code: str) -> str | None:
+    """What to grant or check for a refusal that is about the mailbox or the app's rights."""
+    if code == "ErrorSendAsDenied":
+        return SEND_AS_DENIED
+    if status == 403 and code in ("ErrorAccessDenied", "AccessDenied"):
+        return ACCESS_DENIED
+    if code in ("ErrorInvalidUser", "MailboxNotEnabledForRESTAPI", "ResourceNotFound"):
+        return NO_MAILBOX
+    if status == 404 and code == "ErrorItemNotFound":
+        return NO_MAILBOX
+    return None
+
+
+def classify(status: int, headers: Mapping[str, str], text: str, mailbox: str = "") -> Outcome:
+    """An answer of Graph: 2xx delivered; a 429 throttles the mailbox (paced, after
+    Retry-After); 5xx and Exchange's "later" codes retry; ErrorSendAsDenied, access
+    denied and an unknown mailbox are permanent and say what to grant; other 4xx
+    (invalid recipients, MIME, 401, 413) are permanent."""
     if 200 <= status < 300:
         return Outcome.delivered(message_id(headers), detail=f"HTTP {status}")
     code, message = _graph_error(text)
     detail = f"{code}: {message}" if code and message else code or message
+    wait = http.parse_retry_after(headers.get("retry-after"))
+    if status == 429:
+        return Outcome.paced(f"HTTP 429: {detail}", 60.0 if wait is None else wait)
     if code in TRANSIENT_CODES:
-        wait = http.parse_retry_after(headers.get("retry-after"))
         return Outcome.retry(f"HTTP {status}: {detail}", wait)
+    advice = _advice(status, code)
+    if advice:
+        return Outcome.permanent(
+            advice.format(mailbox=mailbox or "this mailbox", detail=f"HTTP {status}: {detail}")
+        )
     return http.classify_status(status, headers, detail)
 
 
-def classify_token(status: int, headers: Mapping[str, str], text: str) -> Outcome:
-    """A failed token request: the identity platform's errors (invalid_client,
-    unauthorized_client, invalid_scope, AADSTS codes) are permanent, except
-    temporarily_unavailable; 408, 429 and 5xx retry."""
-    body = _json(text)
-    error = str(body.get("error") or "")
-    description = str(body.get("error_description") or "").splitlines()
-    first = description[0].strip() if description else ""
-    reason = ": ".join(p for p in (error, first) if p) or http.short(text)
-    detail = f"token request: HTTP {status}" + (f": {http.short(reason)}" if reason else "")
-    if error == "temporarily_unavailable" or status in (408, 425, 429) or status >= 500:
-        return Outcome.retry(detail, http.parse_retry_after(headers.get("retry-after")))
-    return Outcome.permanent(detail)
-
-
-def parse_token(text: str) -> tuple[str, float] | None:
-    """(access_token, expires_in seconds) of a token answer, None when it has none."""
-    body = _json(text)
-    token = body.get("access_token")
-    kind = str(body.get("token_type") or "Bearer")
-    try:
-        lifetime = float(body.get("expires_in", 0))
-    except (TypeError, ValueError):
-        return None
-    if not isinstance(token, str) or not token or kind.lower() != "bearer":
-        return None
-    return token, lifetime
-
-
-# ---------------------------------------------------------------------------- the provider
+# ---------------------------------------------------------------------------- settings
 
 
 def _bool(spec: ProviderSpec, key: str, default: bool) -> bool:
@@ -303,152 +196,346 @@ def _bool(spec: ProviderSpec, key: str, default: bool) -> bool:
     raise ProviderConfigError(f"provider {spec.name}: {key} must be true or false")
 
 
+def _senders(spec: ProviderSpec) -> tuple[str, ...]:
+    value = spec.setting("allowed_senders", ())
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    return tuple(str(v).strip().lower() for v in items if str(v).strip())
+
+
+def sender_allowed(address: str, allowed: Sequence[str]) -> bool:
+    """An address against allowed_senders: a whole address, `*@domain` or a domain."""
+    address = address.strip().lower()
+    domain = domain_of(address)
+    return any(a == address or a in (f"*@{domain}", domain) for a in allowed)
+
+
+def message_limit(spec: ProviderSpec) -> int:
+    """The largest message this provider can send: one request's worth of MIME, or with
+    large_messages Exchange's default message size limit (35 MB; an operator whose
+    tenant allows more raises it with max_message_bytes, up to 150 MB)."""
+    if not _bool(spec, "large_messages", False):
+        return MAX_REQUEST_BYTES * 3 // 4 - 32 * 1024
+    own = spec.settings.get("max_message_bytes")
+    if isinstance(own, int) and own > 0:
+        return min(own, UPLOAD_MAX)
+    return EXCHANGE_MESSAGE_MAX
+
+
+# ---------------------------------------------------------------------------- the provider
+
+
+@attrs.frozen
+class _Answer:
+    response: http.Response
+    request_id: str  # the client-request-id it was sent with
+
+    def outcome(self, mailbox: str) -> Outcome:
+        r = self.response
+        return classify(r.status, r.headers, r.text, mailbox)
+
+
 class GraphProvider:
     def __init__(self, spec: ProviderSpec) -> None:
         self.spec = spec
-        self._tenant = str(spec.require("tenant_id"))
-        self._client_id = str(spec.require("client_id"))
-        self.user = str(spec.require("user"))
-        self._secret = spec.require_secret("client secret")
+        self.tenant = str(spec.require("tenant_id"))
+        client_id = str(spec.require("client_id"))
+        self.send_as = str(spec.setting("send_as") or "user")
+        if self.send_as not in SEND_AS:
+            raise ProviderConfigError(
+                f"provider {spec.name}: send_as must be one of {', '.join(SEND_AS)}"
+            )
+        self.user = str(spec.setting("user") or "").strip()
+        if self.send_as == "user" and not self.user:
+            raise ProviderConfigError(f"provider {spec.name}: setting 'user' is required")
+        self.allowed = _senders(spec)
+        if self.send_as != "user" and not self.allowed:
+            raise ProviderConfigError(
+                f"provider {spec.name}: send_as {self.send_as} needs allowed_senders "
+                "(the addresses or domains that may send as themselves)"
+            )
         if not _bool(spec, "save_to_sent_items", True):
             raise ProviderConfigError(
                 f"provider {spec.name}: save_to_sent_items cannot be false: Graph's MIME "
                 "sendMail always saves a copy in Sent Items"
             )
-        self._scope = str(spec.setting("scope") or SCOPE)
+        self.large = _bool(spec, "large_messages", False)
+        self.limits = (
+            spec.positive_int("messages_per_minute", 30),
+            spec.positive_int("recipients_per_day", 10_000),
+            spec.positive_int("concurrent_requests", 4),
+        )
+        self.app = self._app(spec, client_id)
+        self._tokens = graphauth.CACHE.tokens(self.app)
         timeout = spec.positive("timeout", http.DEFAULT_TIMEOUT)
-        self._path = f"/v1.0/users/{quote(self.user, safe='@')}/sendMail"
-        self._token_path = f"/{quote(self._tenant, safe='')}/oauth2/v2.0/token"
+        self._timeout = timeout
         self._graph = http.open_client(
             spec.endpoint or GRAPH_ENDPOINT,
             timeout=timeout,
-            max_connections=spec.positive_int("max_connections", 20),
+            max_connections=spec.positive_int("max_connections", TYPE.max_connections),
         )
-        self._login = http.open_client(
-            str(spec.setting("login_endpoint") or LOGIN_ENDPOINT),
-            timeout=timeout,
-            max_connections=2,  # one fetch at a time, under the lock
-        )
-        self._lock = trio.Lock()
-        self._token: str | None = None
-        self._refresh_at = 0.0  # trio time: when to fetch a new token
-        self._usable_until = 0.0  # trio time: when the token runs out (less EXPIRY_SLACK)
-        self._fetches = 0
-        self._last_failure: Outcome | None = None
+        self._login = http.open_client(self.app.login_endpoint, timeout=timeout, max_connections=2)
+        self._uploads: dict[str, http.Client] = {}  # upload URLs' origins
+
+    @staticmethod
+    def _app(spec: ProviderSpec, client_id: str) -> graphauth.App:
+        login = str(spec.setting("login_endpoint") or LOGIN_ENDPOINT)
+        scope = str(spec.setting("scope") or graphauth.SCOPE)
+        tenant = str(spec.require("tenant_id"))
+        auth = str(spec.setting("auth") or "secret")
+        if auth == "secret":
+            secret = spec.require_secret("client secret")
+            return graphauth.App.of(login, tenant, client_id, scope, secret=secret)
+        if auth == "certificate":
+            pem = spec.require_secret("PEM private key and certificate")
+            try:
+                cert = graphauth.Certificate.from_pem(pem)
+            except graphauth.CredentialError as exc:
+                raise ProviderConfigError(f"provider {spec.name}: {exc}") from None
+            return graphauth.App.of(login, tenant, client_id, scope, certificate=cert)
+        raise ProviderConfigError(f"provider {spec.name}: auth must be secret or certificate")
 
     def __repr__(self) -> str:
         return f"GraphProvider(name={self.spec.name!r}, user={self.user!r})"
 
-    async def _access_token(self, rejected: str | None = None) -> str | Outcome:
-        """A token to send with: the cached one until its refresh time (unless Graph just
-        rejected it), else a new one. When the token endpoint fails, a cached token that
-        has not run out yet is still used."""
-        seen = self._fetches
-        async with self._lock:
-            if rejected is not None and self._token == rejected:
-                self._token = None
-            token = self._token
-            if token is not None and trio.current_time() < self._refresh_at:
-                return token
-            if self._fetches != seen and self._last_failure is not None:
-                failure = self._last_failure  # the fetch this send waited for failed
-            else:
-                fetched = await self._fetch_token()
-                if isinstance(fetched, str):
-                    return fetched
-                failure = fetched
-            if token is not None and trio.current_time() < self._usable_until:
-                return token
-            return failure
+    # -- who sends ---------------------------------------------------------------------
+    def mailbox(self, delivery: Delivery) -> str | None:
+        """The mailbox that sends this delivery; None when send_as names a sender that
+        allowed_senders does not allow and there is no `user` to fall back to."""
+        if self.send_as == "user":
+            return self.user
+        header = graphmime.header_from(delivery.body)
+        order = [delivery.mail_from, header] if self.send_as == "sender" else [header]
+        if self.send_as == "from":
+            order.append(delivery.mail_from)
+        for candidate in order:
+            if candidate and sender_allowed(candidate, self.allowed):
+                return candidate
+        return self.user or None
 
-    async def _fetch_token(self) -> str | Outcome:
-        """Ask the token endpoint; cache the token, or remember the failure for the sends
-        that waited for this fetch."""
-        self._fetches += 1
-        started = trio.current_time()
+    def pace(self, delivery: Delivery) -> Pace | None:
+        mailbox = self.mailbox(delivery)
+        if mailbox is None:
+            return None
+        per_minute, per_day, at_once = self.limits
+        return Pace(
+            key=f"graph:{self.tenant.lower()}:{mailbox.lower()}",
+            label=mailbox,
+            per_minute=per_minute,
+            recipients_per_day=per_day,
+            concurrency=at_once,
+        )
+
+    # -- sending -----------------------------------------------------------------------
+    async def send(self, delivery: Delivery) -> Outcome:
+        mailbox = self.mailbox(delivery)
+        if mailbox is None:
+            sender = delivery.mail_from or graphmime.header_from(delivery.body) or "(none)"
+            return Outcome.permanent(
+                f"sender {sender} may not send through this provider (allowed_senders) "
+                "and no user is set to send as instead"
+            )
         try:
-            resp = await self._login.post(
-                self._token_path,
-                http.form(
-                    [
-                        ("client_id", self._client_id),
-                        ("scope", self._scope),
-                        ("client_secret", self._secret),
-                        ("grant_type", "client_credentials"),
-                    ]
-                ),
-                [
-                    ("Accept", "application/json"),
-                    ("Content-Type", "application/x-www-form-urlencoded"),
-                ],
+            mime = graphmime.sending_mime(delivery)
+        except RequestError as exc:
+            return Outcome.permanent(str(exc))
+        if graphmime.request_size(mime) <= MAX_REQUEST_BYTES:
+            return await self._send_mail(mailbox, mime)
+        if not self.large:
+            return Outcome.permanent(
+                f"message too large for Graph in one request ({graphmime.request_size(mime)} "
+                f"bytes in base64, {MAX_REQUEST_BYTES} per request); set large_messages "
+                "(needs Mail.ReadWrite) to send it as a draft with its attachments"
             )
-        except http.TransportError as exc:
-            failure = http.transport_failure(exc)
-            self._last_failure = Outcome.retry(f"token request: {failure.detail}")
-            return self._last_failure
-        parsed = parse_token(resp.text) if resp.status == 200 else None
-        if parsed is None:
-            if resp.status == 200:
-                failure = Outcome.retry("token request: HTTP 200 without a Bearer access_token")
-            else:
-                failure = classify_token(resp.status, resp.headers, resp.text)
-            self._last_failure = attrs.evolve(
-                failure, detail=failure.detail.replace(self._secret, "***")
-            )
-            return self._last_failure
-        token, lifetime = parsed
-        self._token = token
-        self._refresh_at = started + lifetime - min(REFRESH_MARGIN, lifetime / 2)
-        self._usable_until = started + lifetime - min(EXPIRY_SLACK, lifetime / 10)
-        self._last_failure = None
-        return token
+        try:
+            draft, detached = graphmime.split_large(mime)
+        except RequestError as exc:
+            return Outcome.permanent(str(exc))
+        return await self._send_draft(mailbox, draft, detached)
 
-    async def _post(self, payload: bytes, token: str) -> tuple[http.Response, str] | Outcome:
-        """The answer, and the client-request-id it was sent with."""
+    def _user_path(self, mailbox: str) -> str:
+        return f"/v1.0/users/{quote(mailbox, safe='@')}"
+
+    async def _send_mail(self, mailbox: str, mime: bytes) -> Outcome:
+        path = f"{self._user_path(mailbox)}/sendMail"
+        answer = await self._request("POST", path, base64.b64encode(mime), "text/plain")
+        if isinstance(answer, Outcome):
+            return answer
+        outcome = classify(
+            answer.response.status, answer.response.headers, answer.response.text, mailbox
+        )
+        if outcome.kind is OutcomeKind.DELIVERED and outcome.provider_message_id is None:
+            return Outcome.delivered(answer.request_id, detail=outcome.detail)
+        return outcome
+
+    async def _send_draft(
+        self, mailbox: str, draft: bytes, detached: list[graphmime.Detached]
+    ) -> Outcome:
+        created = await self._create_draft(mailbox, draft)
+        if isinstance(created, Outcome):
+            return created
+        path, internet_id = created
+        for attachment in detached:
+            if attachment.small:
+                failure = await self._attach_small(path, attachment, mailbox)
+            else:
+                failure = await self._attach_large(path, attachment, mailbox)
+            if failure is not None:
+                await self._request("DELETE", path, b"", None)  # a best effort
+                return failure
+        answer = await self._request("POST", f"{path}/send", b"", None)
+        outcome = answer if isinstance(answer, Outcome) else answer.outcome(mailbox)
+        if outcome.kind is not OutcomeKind.DELIVERED:
+            await self._request("DELETE", path, b"", None)
+            return attrs.evolve(outcome, detail=f"sending the draft: {outcome.detail}")
+        assert isinstance(answer, _Answer)
+        return Outcome.delivered(
+            internet_id or answer.request_id,
+            detail=f"HTTP {answer.response.status} (a draft, {len(detached)} attached after)",
+        )
+
+    async def _create_draft(self, mailbox: str, draft: bytes) -> tuple[str, str] | Outcome:
+        """The draft made from the MIME: (its path, its internetMessageId)."""
+        base = f"{self._user_path(mailbox)}/messages"
+        answer = await self._request("POST", base, base64.b64encode(draft), "text/plain")
+        if isinstance(answer, Outcome):
+            return answer
+        if answer.response.status != 201:
+            return self._step_failed("creating the draft", answer.response, mailbox)
+        created = _json(answer.response.text)
+        draft_id = str(created.get("id") or "")
+        if not draft_id:
+            return Outcome.retry("creating the draft: HTTP 201 without a message id")
+        return f"{base}/{quote(draft_id, safe='')}", str(created.get("internetMessageId") or "")
+
+    def _step_failed(self, step: str, resp: http.Response, mailbox: str) -> Outcome:
+        outcome = classify(resp.status, resp.headers, resp.text, mailbox)
+        if outcome.kind is OutcomeKind.DELIVERED:  # a 2xx other than the one expected
+            return Outcome.retry(f"{step}: unexpected HTTP {resp.status}")
+        return attrs.evolve(outcome, detail=f"{step}: {outcome.detail}")
+
+    @staticmethod
+    def _item(attachment: graphmime.Detached) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "name": attachment.name,
+            "contentType": attachment.content_type,
+            "isInline": attachment.inline,
+        }
+        if attachment.content_id:
+            item["contentId"] = attachment.content_id
+        return item
+
+    async def _attach_small(
+        self, path: str, attachment: graphmime.Detached, mailbox: str
+    ) -> Outcome | None:
+        """An attachment under 3 MB, in one request; None when done."""
+        body = {
+            "@odata.type": "#microsoft.graph.fileAttachment",
+            **self._item(attachment),
+            "contentBytes": base64.b64encode(attachment.content).decode("ascii"),
+        }
+        answer = await self._request(
+            "POST", f"{path}/attachments", json.dumps(body).encode(), "application/json"
+        )
+        if isinstance(answer, Outcome):
+            return answer
+        if answer.response.status != 201:
+            return self._step_failed("adding an attachment", answer.response, mailbox)
+        return None
+
+    async def _attach_large(
+        self, path: str, attachment: graphmime.Detached, mailbox: str
+    ) -> Outcome | None:
+        """An attachment of 3 MB or more, through an upload session; None when done."""
+        item = {"attachmentType": "file", **self._item(attachment)}
+        session = {"AttachmentItem": {**item, "size": len(attachment.content)}}
+        answer = await self._request(
+            "POST",
+            f"{path}/attachments/createUploadSession",
+            json.dumps(session).encode(),
+            "application/json",
+        )
+        if isinstance(answer, Outcome):
+            return answer
+        if answer.response.status != 201:
+            return self._step_failed("creating an upload session", answer.response, mailbox)
+        upload_url = str(_json(answer.response.text).get("uploadUrl") or "")
+        if not upload_url.startswith(("https://", "http://")):
+            return Outcome.retry("creating an upload session: no uploadUrl in the answer")
+        return await self._upload(upload_url, attachment.content)
+
+    async def _upload(self, url: str, content: bytes) -> Outcome | None:
+        """PUT the content to a pre-authenticated upload URL in ranges, in order (no
+        Authorization header: the URL carries its own)."""
+        client = self._upload_client(url)
+        total = len(content)
+        for start in range(0, total, UPLOAD_CHUNK):
+            chunk = content[start : start + UPLOAD_CHUNK]
+            end = start + len(chunk) - 1
+            headers = [
+                ("Content-Range", f"bytes {start}-{end}/{total}"),
+                ("Content-Type", "application/octet-stream"),
+            ]
+            try:
+                resp = await client.request("PUT", url, chunk, headers)
+            except http.TransportError as exc:
+                return http.transport_failure(exc)
+            done = end + 1 == total
+            if resp.status not in ((200, 201) if done else (200,)):
+                return self._step_failed(f"uploading bytes {start}-{end}", resp, "")
+        return None
+
+    def _upload_client(self, url: str) -> http.Client:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        client = self._uploads.get(origin)
+        if client is None:
+            client = self._uploads[origin] = http.open_client(
+                origin, timeout=self._timeout, max_connections=self.limits[2]
+            )
+        return client
+
+    async def _request(
+        self, method: str, path: str, body: bytes, content_type: str | None
+    ) -> _Answer | Outcome:
+        """A Graph request with the current token; after a 401, once more with a new
+        token; a second 401 is a transient failure (a fallback provider may take it)."""
+        token = await self._tokens.token(self._login)
+        if isinstance(token, Outcome):
+            return token
+        answer = await self._post(method, path, body, content_type, token)
+        if isinstance(answer, Outcome) or answer.response.status != 401:
+            return answer
+        token = await self._tokens.token(self._login, rejected=token)
+        if isinstance(token, Outcome):
+            return token
+        answer = await self._post(method, path, body, content_type, token)
+        if isinstance(answer, Outcome) or answer.response.status != 401:
+            return answer
+        code, message = _graph_error(answer.response.text)
+        return Outcome.retry(f"HTTP 401: {code}: {message} (again with a new token)")
+
+    async def _post(
+        self, method: str, path: str, body: bytes, content_type: str | None, token: str
+    ) -> _Answer | Outcome:
         request_id = str(uuid.uuid4())
         headers = [
             ("Authorization", f"Bearer {token}"),
-            ("Content-Type", "text/plain"),
             ("client-request-id", request_id),
             ("return-client-request-id", "true"),
         ]
+        if content_type is not None:
+            headers.append(("Content-Type", content_type))
         try:
-            return await self._graph.post(self._path, payload, headers), request_id
+            resp = await self._graph.request(method, path, body, headers)
         except http.TransportError as exc:
             return http.transport_failure(exc)
-
-    async def _attempt(self, payload: bytes) -> tuple[http.Response, str] | Outcome:
-        """POST with the current token; after a 401, once more with a new token."""
-        token = await self._access_token()
-        if isinstance(token, Outcome):
-            return token
-        resp = await self._post(payload, token)
-        if isinstance(resp, Outcome) or resp[0].status != 401:
-            return resp
-        token = await self._access_token(rejected=token)
-        if isinstance(token, Outcome):
-            return token
-        return await self._post(payload, token)
-
-    async def send(self, delivery: Delivery) -> Outcome:
-        try:
-            payload = build_request(delivery)
-        except RequestError as exc:
-            return Outcome.permanent(str(exc))
-        answer = await self._attempt(payload)
-        if isinstance(answer, Outcome):
-            return answer
-        resp, sent_id = answer
-        outcome = classify(resp.status, resp.headers, resp.text)
-        if resp.status == 401:
-            return Outcome.permanent(f"{outcome.detail} (again with a new token)")
-        if outcome.kind == OutcomeKind.DELIVERED and outcome.provider_message_id is None:
-            return Outcome.delivered(sent_id, detail=outcome.detail)
-        return outcome
+        return _Answer(resp, request_id)
 
     async def aclose(self) -> None:
         await self._graph.aclose()
         await self._login.aclose()
+        for client in self._uploads.values():
+            await client.aclose()
 
 
 TYPE = ProviderType(
@@ -457,19 +544,41 @@ TYPE = ProviderType(
     settings={
         "tenant_id": SettingInfo("Entra ID tenant (directory) id or domain", True),
         "client_id": SettingInfo("application (client) id of the app registration", True),
-        "user": SettingInfo("mailbox to send as: user id or user principal name", True),
+        "user": SettingInfo(
+            "mailbox to send as (user id or user principal name); with send_as sender or "
+            "from, the mailbox for senders allowed_senders does not allow"
+        ),
+        "send_as": SettingInfo(
+            "user (default): always `user`; sender: the envelope sender, else the header "
+            "From; from: the header From, else the envelope sender (allowed_senders decide)"
+        ),
+        "allowed_senders": SettingInfo(
+            "addresses, *@domain or domains that may send as themselves (send_as sender/from)"
+        ),
+        "auth": SettingInfo(
+            "secret (default: the secret is the client secret) or certificate (the secret is "
+            "the PEM private key and certificate)"
+        ),
+        "large_messages": SettingInfo(
+            "true: messages over one request's 4 MB go as a draft with its attachments "
+            "(needs Mail.ReadWrite); admits up to 35 MB, or max_message_bytes"
+        ),
+        "messages_per_minute": SettingInfo("per sending mailbox (default 30, Exchange's)"),
+        "recipients_per_day": SettingInfo("per sending mailbox (default 10000, Exchange's)"),
+        "concurrent_requests": SettingInfo("per sending mailbox (default 4, Exchange's)"),
         "save_to_sent_items": SettingInfo(
-            "true (default and only value): Graph's MIME sendMail always saves to Sent Items"
+            "true (default and only value): Graph always saves a copy to Sent Items"
         ),
         "login_endpoint": SettingInfo(f"identity platform base URL (default {LOGIN_ENDPOINT})"),
-        "scope": SettingInfo(f"token scope (default {SCOPE}; national clouds differ)"),
+        "scope": SettingInfo(f"token scope (default {graphauth.SCOPE}; national clouds differ)"),
         "timeout": SettingInfo("request timeout in seconds (default 30)"),
-        "max_connections": SettingInfo("connection pool size (default 20)"),
+        "max_connections": SettingInfo("calls in flight and connections kept (default 64)"),
     },
-    secret="client secret",  # noqa: S106 - names what the secret is, not a secret
+    secret="client secret, or PEM private key and certificate",  # noqa: S106 - names it
     secret_required=True,
     default_endpoint=GRAPH_ENDPOINT,
     max_recipients=MAX_RECIPIENTS,
-    # 4 MB of base64 per request, less room for the Bcc field prepare_mime() may add
     max_message_bytes=MAX_REQUEST_BYTES * 3 // 4 - 32 * 1024,
+    limit_for=message_limit,
+    max_connections=64,
 )
