@@ -13,7 +13,8 @@ Every change also, in the same transaction:
 
 Deleting follows one rule: nothing is deleted that something else still needs.
 - A tenant is deleted only when it has no accounts, providers, routes or messages left.
-- An account is never deleted while it has live (queued, retrying, sending) messages.
+- An account is never deleted while it has live (queued, retrying, sending) messages,
+  or while a device sends as it (smtpproxy.admin_devices).
   Its finished messages are kept too unless the caller asks for with_history, which
   deletes them with their delivery logs (their bodies become orphans that
   `fsck-storage` removes). Routing rules limited to the account go with it.
@@ -382,6 +383,12 @@ def _deletable_account(
     conn: Conn, username: str, with_history: bool, *, lock: bool
 ) -> tuple[Row, dict[str, int], list[int]]:
     a = account(conn, username, lock=lock)
+    used_by = [str(r[0]) for r in conn.execute(Q.account_devices, (a["id"],)).fetchall()]
+    if used_by:
+        raise ConflictError(
+            f"account {username!r} is used by {_plural(len(used_by), 'device')} "
+            f"({', '.join(used_by)}): remove them first (`smtpproxy device remove`)"
+        )
     msgs = account_messages(conn, a["id"])
     if msgs["live"]:
         raise ConflictError(
@@ -886,12 +893,13 @@ _VIEWER_TABLES = (
     "accounts",
     "providers",
     "routing_rules",
+    "devices",
     "messages",
     "delivery_logs",
     "audit_log",
     "schema_migrations",
 )
-_OPERATOR_MANAGES = ("accounts", "providers", "routing_rules")
+_OPERATOR_MANAGES = ("accounts", "providers", "routing_rules", "devices")
 # the columns a dead-letter replay changes
 _MESSAGE_STATUS_COLUMNS = (
     "status",
@@ -948,10 +956,10 @@ def setup_roles(conn: Conn, prefix: str = DEFAULT_ROLE_PREFIX) -> dict[str, str]
     database to exactly what they should be (safe to repeat; repeat after migrations).
 
     viewer:   reads tenants, accounts (not password hashes), providers (not secrets),
-              routing rules, messages, delivery logs and the audit log
-    operator: viewer, plus manages accounts, providers and routes, reads provider secrets
-              (for `provider test`), updates message status columns (dead-letter replay)
-              and writes audit rows
+              routing rules, devices, messages, delivery logs and the audit log
+    operator: viewer, plus manages accounts, providers, routes and devices, reads
+              provider secrets (for `provider test`), updates message status columns
+              (dead-letter replay) and writes audit rows
     admin:    operator, plus everything on every table (tenants, deleting history, ...)
               and CREATE on the schema
     """

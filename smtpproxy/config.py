@@ -126,6 +126,11 @@ def _default_data_dir() -> str:
 class SmtpConfig:
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 2525),)
     tls_listen: tuple[HostPort, ...] = ()  # implicit TLS (port 465 style)
+    # listeners for devices that can do neither AUTH nor modern TLS (none by default):
+    # registered device networks send without AUTH there, and TLS goes down to
+    # device_tls_min; the listeners above never allow either
+    device_listen: tuple[HostPort, ...] = ()
+    device_tls_min: Literal["1.0", "1.1", "1.2"] = "1.0"
     hostname: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -463,10 +468,23 @@ def _limits_and_timing(cfg: Config) -> list[str]:
     return problems
 
 
+def _device_listeners(smtp: SmtpConfig) -> list[str]:
+    """A device listener shares its address with no other listener: the same port
+    cannot be both the strict kind and the lenient one."""
+    taken = {a for a in (*smtp.listen, *smtp.tls_listen) if a.port}
+    return [
+        f"smtp.device_listen[{i}]: {addr} is also a listener in smtp.listen or "
+        "smtp.tls_listen; give the devices a port of their own"
+        for i, addr in enumerate(smtp.device_listen)
+        if addr in taken
+    ]
+
+
 def _check_semantics(cfg: Config) -> None:
     problems = _positive_counts(cfg) + _provider_tables(cfg) + _limits_and_timing(cfg)
     if not cfg.smtp.listen:
         problems.append("smtp.listen: at least one host:port is required")
+    problems += _device_listeners(cfg.smtp)
     if cfg.database.pool_min > cfg.database.pool_max:
         problems.append("database.pool_min: must not exceed database.pool_max")
     if not cfg.delivery.retry_schedule:

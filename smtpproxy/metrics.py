@@ -167,6 +167,11 @@ class Metrics:
         self.smtp_sessions = Counter(
             "smtpproxy_smtp_sessions", "SMTP connections accepted by the listeners."
         )
+        self.smtp_device_sessions = Counter(
+            "smtpproxy_smtp_device_sessions",
+            "SMTP sessions that sent as a registered device without AUTH, by device name.",
+            ("device",),
+        )
         self.smtp_replies = Counter(
             "smtpproxy_smtp_replies",
             "SMTP replies sent, by the command answered (CONNECT for the greeting or a "
@@ -207,6 +212,7 @@ class Metrics:
         out: list[str] = []
         for metric in (
             self.smtp_sessions,
+            self.smtp_device_sessions,
             self.smtp_replies,
             self.messages_accepted,
             self.bytes_accepted,

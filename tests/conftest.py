@@ -30,7 +30,7 @@ from smtpproxy.service import Running
 from tests.support import serving
 
 RUN_ID = secrets.token_hex(4)
-TABLES = "delivery_logs, messages, routing_rules, providers, accounts, tenants, audit_log"
+TABLES = "delivery_logs, messages, routing_rules, devices, providers, accounts, tenants, audit_log"
 
 
 def _with_dbname(url: str, dbname: str) -> str:

@@ -27,7 +27,7 @@ import pytest
 import trio
 from cryptography.fernet import Fernet
 
-from smtpproxy import admin
+from smtpproxy import admin, admin_devices
 from smtpproxy.crypto import SecretBox
 from smtpproxy.ids import new_message_id
 from smtpproxy.passwords import hash_password, verify_password
@@ -1066,6 +1066,115 @@ def test_route_delete(
     assert row["before"]["fallbacks"] == ["out"]
 
 
+# -- devices -------------------------------------------------------------------------------
+
+
+def test_device_add_list_disable_enable_remove(
+    cli: Cli, conn: psycopg.Connection[Any], acme: dict[str, Any], listener: Listener
+) -> None:
+    """`device add` registers a network for an account (a bare address is a /32), `list`
+    shows it, `disable`/`enable`/`remove` change it; every change notifies `device` and
+    leaves an audit row with what the device was and became. A change to nothing
+    (disabling a disabled device) does neither."""
+    listener.flush()
+    notified = []
+
+    def step(*args: str) -> str:
+        out = ok(cli(*args))
+        notified.extend(listener.received(expect=1))
+        return out
+
+    args = ["--network", "192.0.2.40", "--account", "app1", "--note", "2nd floor"]
+    added = step("device", "add", "printer-2f", *args)
+    listed = as_json(cli("device", "list", "--json"))
+    table = ok(cli("device", "list"))
+    disabled = step("device", "disable", "printer-2f")
+    again = ok(cli("device", "disable", "printer-2f"))
+    quiet = listener.received(timeout=0.5)
+    step("device", "enable", "printer-2f")
+    removed = as_json(cli("device", "remove", "printer-2f", "--json"))
+    notified += listener.received(expect=1)
+
+    assert "device printer-2f added: 192.0.2.40/32 sends as account app1" in added
+    [device] = listed
+    assert {k: device[k] for k in ("name", "network", "account", "tenant", "enabled", "note")} == {
+        "name": "printer-2f",
+        "network": "192.0.2.40/32",
+        "account": "app1",
+        "tenant": "acme",
+        "enabled": True,
+        "note": "2nd floor",
+    }
+    assert "printer-2f" in table and "192.0.2.40/32" in table
+    assert "device printer-2f is now disabled" in disabled
+    assert "device printer-2f was already disabled" in again and quiet == []
+    assert removed == {"name": "printer-2f", "network": "192.0.2.40/32", "removed": True}
+    assert "no devices" in ok(cli("device", "list"))
+    assert notified == ["device"] * 4
+    rows = audit_rows(conn)
+    assert [(r["action"], r["target"]) for r in rows] == [
+        ("device.add", "printer-2f"),
+        ("device.disable", "printer-2f"),
+        ("device.enable", "printer-2f"),
+        ("device.remove", "printer-2f"),
+    ]
+    assert rows[0]["before"] is None
+    assert rows[0]["after"] == {**device_view(device), "enabled": True}
+    assert (rows[1]["before"]["enabled"], rows[1]["after"]["enabled"]) == (True, False)
+    assert rows[3]["before"]["network"] == "192.0.2.40/32" and rows[3]["after"] is None
+
+
+def device_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("name", "network", "account", "tenant", "enabled", "note")}
+
+
+def test_device_refusals_are_one_line_and_change_nothing(
+    cli: Cli, conn: psycopg.Connection[Any], acme: dict[str, Any], listener: Listener
+) -> None:
+    """An overlapping network (naming the device it overlaps), a name taken, an unknown
+    account, a network too wide, outside the tenant's allowed networks, or not a
+    network at all, and an unknown device: each is one error line, exit 1, and no
+    device, audit row or notification."""
+    admin.update_tenant(conn, "acme", networks=["192.0.2.0/24", "10.0.0.0/8"])
+    admin_devices.add_device(conn, "printer", "192.0.2.40/32", "app1")
+    conn.execute("TRUNCATE audit_log RESTART IDENTITY")
+    listener.flush()
+
+    def add(name: str, network: str, account: str = "app1") -> Result:
+        return cli("device", "add", name, "--network", network, "--account", account)
+
+    fails(add("scan", "192.0.2.0/24"), "192.0.2.0/24 overlaps device 'printer' (192.0.2.40/32)")
+    fails(add("printer", "192.0.2.41"), "device 'printer' already exists")
+    fails(add("scan", "192.0.2.41", "nobody"), "no account named 'nobody'")
+    fails(add("scan", "10.0.0.0/12"), "10.0.0.0/12 is too wide for a device", "/16")
+    fails(add("scan", "198.51.100.7"), "outside the allowed networks of tenant 'acme'")
+    fails(add("scan", "printer.lan"), "expected an address or CIDR")
+    fails(add("bad name", "192.0.2.41"), "invalid name")
+    fails(cli("device", "remove", "nope"), "no device named 'nope'")
+    fails(cli("device", "enable", "nope"), "no device named 'nope'")
+
+    assert listener.received(timeout=0.5) == []
+    assert audit_rows(conn) == []
+    assert one(conn, "SELECT count(*) FROM devices") == 1
+
+
+def test_account_delete_refused_while_a_device_sends_as_it(
+    cli: Cli, conn: psycopg.Connection[Any], acme: dict[str, Any]
+) -> None:
+    """An account a device sends as is not deleted: the refusal names the device; once
+    the device is removed the account can go."""
+    admin_devices.add_device(conn, "printer", "192.0.2.40/32", "billing")
+
+    fails(
+        cli("account", "delete", "billing", "--yes"),
+        "account 'billing' is used by 1 device (printer): remove them first",
+    )
+    ok(cli("device", "remove", "printer"))
+    ok(cli("account", "delete", "billing", "--yes"))
+
+    assert one(conn, "SELECT count(*) FROM accounts WHERE username = 'billing'") == 0
+
+
 # -- notifications and the audit trail -----------------------------------------------------
 
 
@@ -1395,6 +1504,34 @@ def test_operator_manages_accounts_providers_routes_but_not_tenants(
     assert "SG.new" not in json.dumps(rows)
 
 
+def test_operator_manages_devices_and_viewer_lists_them(
+    cli: Cli, conn: psycopg.Connection[Any], acme: dict[str, Any], roles: Roles
+) -> None:
+    """Devices are the operator's, like accounts: an operator adds, disables and removes
+    them (audited under its role); a viewer lists them and is refused every change."""
+    viewer, viewer_path = roles.user("vic")
+    operator, operator_path = roles.user("otto")
+    grant(cli, roles, "viewer", viewer)
+    grant(cli, roles, "operator", operator)
+    network = ["--network", "192.0.2.40", "--account", "app1"]
+
+    ok(run_cli(operator_path, "device", "add", "printer", *network))
+    ok(run_cli(operator_path, "device", "disable", "printer"))
+    listed = as_json(run_cli(viewer_path, "device", "list", "--json"))
+    no_add = run_cli(viewer_path, "device", "add", "scanner", *network)
+    no_remove = run_cli(viewer_path, "device", "remove", "printer")
+    ok(run_cli(operator_path, "device", "remove", "printer"))
+
+    assert [(d["name"], d["enabled"]) for d in listed] == [("printer", False)]
+    fails(
+        no_add,
+        f"cannot add devices; ask an admin to run `smtpproxy db grant --role operator {viewer}`",
+    )
+    fails(no_remove, "cannot remove devices", "--role operator")
+    actions = [r["action"] for r in audit_rows(conn) if r["db_role"] == operator]
+    assert actions == ["device.add", "device.disable", "device.remove"]
+
+
 def test_admin_role_manages_tenants_and_history(
     cli: Cli, conn: psycopg.Connection[Any], acme: dict[str, Any], roles: Roles
 ) -> None:
@@ -1504,6 +1641,11 @@ MY_COMMANDS = [
     ["route", "show"],
     ["route", "move"],
     ["route", "delete"],
+    ["device", "add"],
+    ["device", "list"],
+    ["device", "disable"],
+    ["device", "enable"],
+    ["device", "remove"],
     ["db", "migrate"],
     ["db", "status"],
     ["db", "grant"],
@@ -1540,7 +1682,7 @@ def complete(words: str) -> list[tuple[str, str]]:
     return pairs
 
 
-@pytest.mark.parametrize("group", ["tenant", "account", "provider", "route", "db"])
+@pytest.mark.parametrize("group", ["tenant", "account", "provider", "route", "device", "db"])
 def test_shell_completion_offers_every_command_with_help(group: str) -> None:
     """Shell completion offers each subcommand of a group with its help text."""
     offered = dict(complete(f"smtpproxy {group} "))

@@ -16,6 +16,7 @@ from smtpproxy.cli import (
     account,
     audit,
     dbcmd,
+    device,
     dlq,
     fsckcmd,
     healthcmd,
@@ -68,6 +69,7 @@ app.add_typer(tenant.app, name="tenant")
 app.add_typer(account.app, name="account")
 app.add_typer(provider.app, name="provider")
 app.add_typer(route.app, name="route")
+app.add_typer(device.app, name="device")
 app.add_typer(message.app, name="message", help="One message's whole story.")
 app.add_typer(queue.app, name="queue", help="The delivery queue.")
 app.add_typer(dlq.app, name="dlq", help="Dead letters: list, replay, purge.")

@@ -1,10 +1,11 @@
-"""The routing directory: a snapshot of rules and provider specs, and the live provider
-objects built from them.
+"""The routing directory: a snapshot of rules, provider specs and the device table, and
+the live provider objects built from them.
 
-Loading is I/O (one read of routing_rules and providers); everything after is lookups
-in frozen values. Provider secrets are decrypted when the snapshot is loaded and live
-only in memory. A provider object is rebuilt only when its spec changes, so its
-connection pool survives reloads.
+Loading is I/O (one read of routing_rules, providers and devices); everything after is
+lookups in frozen values. The device table rides along so that ingress follows device
+changes with the same reload (smtpproxy/devices.py). Provider secrets are decrypted
+when the snapshot is loaded and live only in memory. A provider object is rebuilt only
+when its spec changes, so its connection pool survives reloads.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import psycopg
 from loguru import logger
 from psycopg.rows import dict_row
 
+from smtpproxy import devices
 from smtpproxy.config import Config
 from smtpproxy.crypto import SecretBox
 from smtpproxy.db.queries import Q
 from smtpproxy.delivery import providers
 from smtpproxy.delivery.routing import Rule
+from smtpproxy.devices import DeviceTable
 from smtpproxy.errors import SecretError
 
 
@@ -32,6 +35,8 @@ class Snapshot:
     global_providers: Mapping[str, providers.ProviderSpec]
     broken: Mapping[tuple[int | None, str], str]  # specs we could not load, and why
     default_route: str = ""
+    # who may send without AUTH on a device listener
+    devices: DeviceTable = attrs.field(factory=DeviceTable)
 
     def rules_for(self, tenant_id: int) -> tuple[Rule, ...]:
         return self.rules.get(tenant_id, ())
@@ -102,6 +107,7 @@ def load(conn: psycopg.Connection[tuple[object, ...]], cfg: Config, box: SecretB
         global_providers=global_specs(cfg),
         broken=broken,
         default_route=cfg.delivery.default_route,
+        devices=devices.load(conn),
     )
 
 

@@ -15,6 +15,9 @@ What differs from stock aiosmtpd:
   aborting with "*" gets exactly one reply; LOGIN prompts are "Username:"/"Password:";
   mechanism names are case-insensitive;
 * implicit-TLS listeners count as TLS for AUTH;
+* on a device listener (smtp.device_listen), a client inside a registered device's
+  network needs no AUTH: its first transaction makes the session that device's account
+  (AUTH before that still works, for devices that can log in);
 * STARTTLS goes through the loop's start_tls (uvloop's C TLS layer, ~50 KB a session,
   not asyncio's SSLProtocol with its 256 KiB buffer); a second STARTTLS is refused;
 * every 2xx/4xx/5xx reply carries an enhanced status code (ENHANCEDSTATUSCODES), the
@@ -46,6 +49,7 @@ from typing import Any, cast
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 from loguru import logger
 
+from smtpproxy.devices import Device
 from smtpproxy.ingress import replies
 from smtpproxy.ingress.dataread import DataReader, Verdict
 from smtpproxy.metrics import Metrics
@@ -109,6 +113,7 @@ class RelaySession(Session):
     """aiosmtpd's session plus what smtpproxy tracks of it."""
 
     account: AccountIdentity | None = None
+    device: str | None = None  # the registered device it sends as, without AUTH
     accepted: list[str]
     refused: int = 0
     ended: str = "closed"  # how it ended, for the session log line
@@ -127,6 +132,7 @@ class RelaySMTP(SMTP):
         auth_requires_tls: bool = True,
         max_line_length: int = 998,
         min_data_rate: int = 500,
+        devices: Callable[[str], Device | None] | None = None,  # set on device listeners
         **kwargs: Any,
     ) -> None:
         # AUTH requirements are enforced here (check_auth_needed, smtp_AUTH) so that
@@ -137,6 +143,7 @@ class RelaySMTP(SMTP):
         self._auth_requires_tls = auth_requires_tls
         self._max_line_length = max_line_length
         self._min_data_rate = min_data_rate
+        self._devices = devices
         self._counted = False
         self._watching = False  # _release is due when the session task ends
         self._ip = ""
@@ -255,9 +262,11 @@ class RelaySMTP(SMTP):
         if s is None:
             return
         account = s.account.username if s.account else None
+        device = {"device": s.device} if s.device else {}
         logger.bind(
             client_ip=self._ip,
             account=account,
+            **device,
             message_ids=s.accepted,
             accepted=len(s.accepted),
             refused=s.refused,
@@ -362,7 +371,24 @@ class RelaySMTP(SMTP):
     async def check_auth_needed(self, caller_method: str) -> bool:
         if caller_method == "HELP" or (self.session is not None and self.session.authenticated):
             return False
+        if self._as_device():
+            return False
         await self.push("530 5.7.0 Authentication required")
+        return True
+
+    def _as_device(self) -> bool:
+        """On a device listener, make a client inside a registered device's network that
+        device's account, as if it had logged in. Asked at the first command that needs
+        an account, so a device added a moment ago counts, and AUTH before it wins."""
+        if self._devices is None or self.session is None:
+            return False
+        device = self._devices(self._ip)
+        if device is None:
+            return False
+        self.sess.authenticated = True
+        self.sess.account = device.identity
+        self.sess.device = device.name
+        self._gate.metrics.smtp_device_sessions.inc(device.name)
         return True
 
     # -- greeting commands ---------------------------------------------------------

@@ -10,6 +10,7 @@ the service through the IngressHandle.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import ssl
@@ -24,6 +25,7 @@ from loguru import logger
 
 from smtpproxy import memory
 from smtpproxy.config import HostPort
+from smtpproxy.devices import Device
 from smtpproxy.errors import ConfigError, ListenError
 from smtpproxy.ingress import bridge, tls
 from smtpproxy.ingress.auth import Authenticator
@@ -41,6 +43,13 @@ logging.getLogger("mail.log").setLevel(logging.WARNING)
 class Listener:
     address: HostPort
     implicit_tls: bool = False
+    # smtp.device_listen: registered device networks send without AUTH, older TLS is let in
+    device: bool = False
+
+    def describe(self) -> str:
+        if self.device:
+            return "SMTP for devices"
+        return "SMTPS" if self.implicit_tls else "SMTP"
 
 
 @attrs.define
@@ -178,6 +187,7 @@ async def run_ingress(
     if listeners is None:
         listeners = [Listener(a) for a in smtp.listen]
         listeners += [Listener(a, implicit_tls=True) for a in smtp.tls_listen]
+        listeners += [Listener(a, device=True) for a in smtp.device_listen]
     token = trio.lowlevel.current_trio_token()
     loop = uvloop.new_event_loop()
     server_tls = tls.ServerTls(cfg)
@@ -211,18 +221,25 @@ async def run_ingress(
             directory=directory,
         )
 
-        def factory(implicit: bool) -> Callable[[], RelaySMTP]:
+        def admit_device(ip: str) -> Device | None:
+            return directory.snapshot.devices.admit(ip) if directory is not None else None
+
+        def factory(ln: Listener) -> Callable[[], RelaySMTP]:
+            implicit = ln.implicit_tls
+            starttls = server_tls.device_context if ln.device else server_tls.context
+
             def make() -> RelaySMTP:
                 return RelaySMTP(
                     handler,
                     gate=gate,
                     implicit_tls=implicit,
+                    devices=admit_device if ln.device else None,
                     auth_requires_tls=not smtp.allow_plaintext_auth,
                     max_line_length=smtp.max_line_length,
                     min_data_rate=smtp.min_data_rate,
                     hostname=hostname,
                     ident="smtpproxy ESMTP",
-                    tls_context=None if implicit else server_tls.context,
+                    tls_context=None if implicit else starttls,
                     data_size_limit=smtp.max_message_size,
                     enable_SMTPUTF8=True,
                     decode_data=False,
@@ -235,7 +252,7 @@ async def run_ingress(
         thread = IngressThread(
             loop,
             [
-                (ln, factory(ln.implicit_tls), server_tls.context if ln.implicit_tls else None)
+                (ln, factory(ln), server_tls.context if ln.implicit_tls else None)
                 for ln in listeners
             ],
             gate,
@@ -243,7 +260,14 @@ async def run_ingress(
         )
         bound = await trio.to_thread.run_sync(thread.start)
         for (host, port), ln in zip(bound, listeners, strict=False):
-            logger.info("SMTP{} listening on {}:{}", "S" if ln.implicit_tls else "", host, port)
+            logger.info("{} listening on {}:{}", ln.describe(), host, port)
+            if ln.device and ipaddress.ip_address(host).is_unspecified:
+                logger.warning(
+                    "the device listener {}:{} takes connections on every interface: "
+                    "firewall it so that only the device networks reach it",
+                    host,
+                    port,
+                )
         task_status.started(IngressHandle(gate, bound, committer, authenticator, server_tls))
         try:
             await trio.sleep_forever()

@@ -1,5 +1,6 @@
 """TLS for SMTP: the server context (TLS 1.2 or newer) from the configured certificate,
-or from a self-signed one generated once under <data_dir>/tls when none is configured."""
+or from a self-signed one generated once under <data_dir>/tls when none is configured;
+and, for device listeners only, a context that goes down to smtp.device_tls_min."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import fcntl
 import ipaddress
 import os
 import ssl
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,9 +97,30 @@ def certificate_paths(cfg: Config) -> tuple[Path, Path]:
     return cert, key
 
 
-def _context(cert: Path, key: Path) -> ssl.SSLContext:
+# TLS 1.0 and 1.1 sign the handshake with SHA-1, which OpenSSL 3 allows only at security
+# level 0. The ciphers stay AES and ChaCha20, modern ones first (the server's order
+# wins): what old printers speak (AES128-SHA) is in, RC4, 3DES and export ciphers are not.
+LEGACY_CIPHERS = (
+    "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:ECDHE+AES:DHE+AES:RSA+AESGCM:RSA+AES"
+    ":!aNULL:!eNULL:!MD5:!DSS:@SECLEVEL=0"
+)
+
+
+TLS_VERSIONS = {
+    "1.0": ssl.TLSVersion.TLSv1,
+    "1.1": ssl.TLSVersion.TLSv1_1,
+    "1.2": ssl.TLSVersion.TLSv1_2,
+}
+
+
+def _context(cert: Path, key: Path, tls_min: str = "1.2") -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    minimum = TLS_VERSIONS[tls_min]
+    if minimum < ssl.TLSVersion.TLSv1_2:
+        ctx.set_ciphers(LEGACY_CIPHERS)
+    with warnings.catch_warnings():  # TLS 1.0 and 1.1 are deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = minimum
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # we do not ask clients for certificates
     try:
@@ -108,28 +131,43 @@ def _context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 class ServerTls:
-    """The TLS context listeners use, whose certificate can be replaced while running.
+    """The TLS contexts listeners use, whose certificate can be replaced while running.
 
-    Listeners and STARTTLS always get `context`; its SNI callback (which OpenSSL calls
-    for every handshake, with or without SNI) hands each new handshake the current
-    context, so reload() swaps the certificate for new sessions and leaves sessions in
-    progress alone.
+    Listeners and STARTTLS always get `context` (`device_context` on device listeners);
+    its SNI callback (which OpenSSL calls for every handshake, with or without SNI)
+    hands each new handshake the current context of the same kind, so reload() swaps
+    the certificate for new sessions and leaves sessions in progress alone. The kinds
+    never mix: a context carries its TLS versions and security level with it.
     """
 
     def __init__(self, cfg: Config) -> None:
-        self._cfg = cfg
         self._cert, self._key = certificate_paths(cfg)
-        self.current = _context(self._cert, self._key)
-        self.context = _context(self._cert, self._key)
-        self.context.sni_callback = self._select
+        # what listeners hold (made once, never replaced) -> its TLS floor
+        self._floor: dict[ssl.SSLContext, str] = {}
+        self.context = self._listening("1.2")
+        self.device_context: ssl.SSLContext | None = None
+        if cfg.smtp.device_listen:
+            self.device_context = self._listening(cfg.smtp.device_tls_min)
+        self._current: dict[str, ssl.SSLContext] = {}
+        self._load()
 
-    def _select(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        sslobj.context = self.current
+    def _listening(self, floor: str) -> ssl.SSLContext:
+        ctx = _context(self._cert, self._key, floor)
+        ctx.sni_callback = self._select
+        self._floor[ctx] = floor
+        return ctx
+
+    def _load(self) -> None:
+        floors = set(self._floor.values())
+        self._current = {floor: _context(self._cert, self._key, floor) for floor in floors}
+
+    def _select(self, sslobj: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
+        sslobj.context = self._current[self._floor[ctx]]
 
     def reload(self) -> None:
         """Load the certificate files again (blocking; raises ConfigError if unusable,
         keeping the current certificate)."""
-        self.current = _context(self._cert, self._key)
+        self._load()
         logger.info("TLS certificate reloaded from {}", self._cert)
 
 
