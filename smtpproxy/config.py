@@ -29,6 +29,7 @@ from smtpproxy.errors import ConfigError
 
 EMBEDDED = "embedded"
 CONFIG_ENV = "SMTPPROXY_CONFIG"
+MAX_PROCESSES = 64
 DEFAULT_PATHS = (Path("smtpproxy.toml"), Path("/etc/smtpproxy/smtpproxy.toml"))
 
 
@@ -254,8 +255,16 @@ class SecurityConfig:
 
 
 @attrs.frozen
+class RunConfig:
+    # processes `smtpproxy run` serves with (each uses a core): the first starts the
+    # others; they share the SMTP ports (SO_REUSEPORT) and all deliver (workers.py)
+    processes: int = 1
+
+
+@attrs.frozen
 class Config:
     data_dir: str = attrs.field(factory=_default_data_dir)
+    run: RunConfig = RunConfig()
     smtp: SmtpConfig = SmtpConfig()
     database: DatabaseConfig = DatabaseConfig()
     redis: RedisConfig = RedisConfig()
@@ -480,11 +489,24 @@ def _device_listeners(smtp: SmtpConfig) -> list[str]:
     ]
 
 
+def _processes(cfg: Config) -> list[str]:
+    if not 1 <= cfg.run.processes <= MAX_PROCESSES:
+        return [f"run.processes: expected 1 to {MAX_PROCESSES}"]
+    if cfg.run.processes == 1:
+        return []
+    return [
+        f"smtp.{key}: {hp.host}:0 cannot be shared by run.processes; give a fixed port"
+        for key in ("listen", "tls_listen", "device_listen")
+        for hp in getattr(cfg.smtp, key)
+        if hp.port == 0
+    ]
+
+
 def _check_semantics(cfg: Config) -> None:
     problems = _positive_counts(cfg) + _provider_tables(cfg) + _limits_and_timing(cfg)
     if not cfg.smtp.listen:
         problems.append("smtp.listen: at least one host:port is required")
-    problems += _device_listeners(cfg.smtp)
+    problems += _device_listeners(cfg.smtp) + _processes(cfg)
     if cfg.database.pool_min > cfg.database.pool_max:
         problems.append("database.pool_min: must not exceed database.pool_max")
     if not cfg.delivery.retry_schedule:

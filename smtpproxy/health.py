@@ -1,5 +1,6 @@
 """The health endpoint: GET /healthz (alive), GET /readyz (dependencies answer) and
-GET /metrics (Prometheus text format, see scrape.py).
+GET /metrics (Prometheus text format, see scrape.py; /metrics/process: this process's
+own, which the first of several processes adds up, see workers.py).
 
 A tiny HTTP/1.1 server (h11 on trio streams). /readyz checks PostgreSQL, Redis, the
 message store and the SMTP listeners, each bounded by a short timeout, and answers 503
@@ -33,6 +34,7 @@ class HealthState:
     draining: bool = False
     listening: bool = False
     metrics: Render | None = None
+    process_metrics: Render | None = None  # this process alone (run.processes > 1)
     _cache: tuple[float, int, dict[str, object]] | None = attrs.field(default=None, init=False)
 
     async def readiness(self) -> tuple[int, dict[str, object]]:
@@ -118,6 +120,8 @@ async def _serve_one(stream: trio.abc.Stream, state: HealthState) -> None:
                 await reply.json(*(await state.readiness()))
             elif path == "/metrics" and state.metrics is not None:
                 await reply.send(200, await state.metrics(), CONTENT_TYPE)
+            elif path == "/metrics/process" and state.process_metrics is not None:
+                await reply.send(200, await state.process_metrics(), CONTENT_TYPE)
             else:
                 await reply.json(404, {"error": "not found"})
     except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):

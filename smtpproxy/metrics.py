@@ -274,3 +274,46 @@ def render(chunks: Iterable[list[str]]) -> bytes:
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+# series the processes of one instance do not add up: the first process's value stands
+NOT_ADDED = frozenset({"process_start_time_seconds", "process_max_fds"})
+
+
+def _parse(text: str) -> dict[str, tuple[list[str], dict[str, float]]]:
+    """Families of an exposition: name -> (HELP and TYPE lines, series -> value)."""
+    families: dict[str, tuple[list[str], dict[str, float]]] = {}
+    current: tuple[list[str], dict[str, float]] = ([], {})
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            current = families.setdefault(line.split(" ", 3)[2], ([], {}))
+            current[0].append(line)
+        elif line.startswith("# TYPE "):
+            current[0].append(line)
+        elif line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            current[1][series] = float(value)
+    return families
+
+
+def merge(first: str, others: Iterable[str]) -> str:
+    """One exposition for several processes of one instance: every series present in
+    any of them, with the values added up (counters, histogram buckets, open sessions,
+    memory); families only the first has (the queue gauges read from PostgreSQL and
+    Redis) stay as they are, and NOT_ADDED series keep the first process's value."""
+    merged = _parse(first)
+    for text in others:
+        for name, (header, series) in _parse(text).items():
+            if name not in merged:
+                merged[name] = (header, dict(series))
+                continue
+            values = merged[name][1]
+            for key, value in series.items():
+                if key in values and key.split("{", 1)[0] in NOT_ADDED:
+                    continue
+                values[key] = values.get(key, 0.0) + value
+    lines: list[str] = []
+    for header, series in merged.values():
+        lines += header
+        lines += [f"{key} {format_value(value)}" for key, value in series.items()]
+    return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ its gauges are left out and `smtpproxy_scrape_ok{source=...}` says 0.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -149,6 +150,8 @@ class Scraper:
     res: Resources
     gate: Gate | None = None
     health: ProviderHealth | None = None
+    # the other processes' /metrics/process texts (run.processes > 1)
+    others: Callable[[], Awaitable[list[str]]] | None = None
     _cache: tuple[float, list[str]] | None = attrs.field(default=None, init=False)
     _lock: trio.Lock = attrs.Factory(trio.Lock)
 
@@ -180,15 +183,32 @@ class Scraper:
             return lines
 
     async def render(self) -> bytes:
-        m = self.res.metrics
+        """GET /metrics: this process's metrics, the queue gauges, and with several
+        processes the other processes' own metrics added in."""
         chunks = [
             metrics.sample("smtpproxy_up", "1 while smtpproxy is serving.", 1),
-            m.rendered_events(),
             await self._queue(),
+            *self._local(),
         ]
+        if self.others is None:
+            return metrics.render(chunks)
+        others = await self.others()
+        chunks.append(
+            metrics.sample(
+                "smtpproxy_processes", "Processes serving (run.processes).", 1 + len(others)
+            )
+        )
+        return metrics.merge(metrics.render(chunks).decode(), others).encode()
+
+    async def render_local(self) -> bytes:
+        """GET /metrics/process: what this process counts itself (no queue gauges)."""
+        return metrics.render(self._local())
+
+    def _local(self) -> list[list[str]]:
+        m = self.res.metrics
+        chunks = [m.rendered_events()]
         if self.gate is not None:
             chunks.append(gate_gauges(self.gate))
         if self.health is not None:
             chunks.append(circuit_gauges(self.health))
-        chunks += [cloudwatch_counters(), metrics.process_metrics(m.started)]
-        return metrics.render(chunks)
+        return [*chunks, cloudwatch_counters(), metrics.process_metrics(m.started)]

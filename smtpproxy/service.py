@@ -33,6 +33,9 @@ from smtpproxy.reload import run_reload
 from smtpproxy.resources import Resources, open_resources
 from smtpproxy.scrape import Scraper
 from smtpproxy.supervise import supervise
+from smtpproxy.workers import Role, Workers, follow_primary, report_ready
+
+PRIMARY = Role()
 
 
 @attrs.frozen
@@ -106,12 +109,31 @@ def banner(cfg: Config) -> None:
         )
 
 
+async def _start_delivery(
+    nursery: trio.Nursery, res: Resources, consumer: Consumer, role: Role
+) -> None:
+    """The consumer in every process; the scheduler, reconciler and storage check in
+    the primary only."""
+    if not res.cfg.delivery.enabled:
+        logger.info("delivery.enabled = false: this instance only accepts mail")
+        return
+    await nursery.start(supervise, "consumer", consumer.run)
+    if role.primary:
+        await nursery.start(supervise, "scheduler", lambda: run_scheduler(res))
+        await nursery.start(supervise, "reconciler", lambda: run_reconciler(res))
+        await nursery.start(supervise, "storage-check", lambda: run_checker(res))
+
+
 async def serve(
     cfg: Config,
     stop: trio.Event,
     *,
+    role: Role = PRIMARY,
+    workers: Workers | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve until stop is set, then drain. The primary (the only process unless
+    run.processes > 1) also runs the scheduler, the reconciler and the storage check."""
     banner(cfg)
     res = await trio.to_thread.run_sync(open_resources, cfg)
     pool = directory.ProviderPool()
@@ -130,15 +152,12 @@ async def serve(
             ingress = await nursery.start(partial(run_ingress, res, directory=holder))
             forget.append(ingress.authenticator.forget)
             health.checks["queue"] = _backlog_check(ingress.gate)
-            health.metrics = Scraper(res, ingress.gate, consumer.health).render
-            if cfg.delivery.enabled:
-                await nursery.start(supervise, "consumer", consumer.run)
-                await nursery.start(supervise, "scheduler", lambda: run_scheduler(res))
-                await nursery.start(supervise, "reconciler", lambda: run_reconciler(res))
-                await nursery.start(supervise, "storage-check", lambda: run_checker(res))
-
-            else:
-                logger.info("delivery.enabled = false: this instance only accepts mail")
+            scraper = Scraper(res, ingress.gate, consumer.health)
+            health.metrics, health.process_metrics = scraper.render, scraper.render_local
+            if workers is not None:
+                health.checks["workers"] = workers.check
+                scraper.others = workers.metrics
+            await _start_delivery(nursery, res, consumer, role)
             health_bound = None
             if cfg.health.listen:
                 health_bound = await nursery.start(
@@ -148,7 +167,9 @@ async def serve(
             task_status.started(
                 Running(smtp=ingress.bound, health=health_bound, reload_tls=ingress.reload_tls)
             )
-            logger.info("smtpproxy ready")
+            if health_bound is not None:
+                report_ready(role, health_bound[1])
+            logger.info("smtpproxy ready" if role.primary else f"worker {role.index} ready")
 
             await stop.wait()
             logger.info("shutting down: draining for up to {:.0f} s", cfg.delivery.shutdown_grace)
@@ -168,9 +189,14 @@ async def serve(
     logger.info("smtpproxy stopped")
 
 
-async def run_until_signalled(cfg: Config) -> None:
+async def run_until_signalled(cfg: Config, role: Role = PRIMARY) -> None:
     """The main of `smtpproxy run`: serve until SIGTERM or SIGINT; SIGHUP reloads the
-    TLS certificate without dropping sessions."""
+    TLS certificate without dropping sessions. cfg is this process's (process_config).
+    With run.processes > 1 the primary starts the workers once it is ready (migrations
+    applied), passes signals on to them and stops them with itself (workers.py)."""
+    if not role.primary:
+        follow_primary(role)
+    workers = Workers(cfg) if role.primary and cfg.run.processes > 1 else None
     stop = trio.Event()
     started: list[Running] = []
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -180,6 +206,8 @@ async def run_until_signalled(cfg: Config) -> None:
                 async for signum in signals:
                     logger.info("received {}", signal.Signals(signum).name)
                     if signum == signal.SIGHUP:
+                        if workers is not None:
+                            workers.signal(signum)
                         if started:
                             await started[0].reload_tls()
                         continue
@@ -189,6 +217,12 @@ async def run_until_signalled(cfg: Config) -> None:
                     return
 
             nursery.start_soon(on_signals)
-            started.append(await nursery.start(serve, cfg, stop))
+            started.append(
+                await nursery.start(partial(serve, cfg, stop, role=role, workers=workers))
+            )
+            if workers is not None:
+                await nursery.start(workers.run)
             await stop.wait()
+            if workers is not None:
+                await workers.stop()  # while serve() drains this process
         # serve() drained and returned; nothing else to wait for

@@ -108,6 +108,7 @@ def test_empty_mapping_structures_to_built_in_defaults() -> None:
             f"delivery.retry_schedule[1]: {DURATION_HELP}",
         ),
         ({"storage": {"type": "ftp"}}, "storage.type: expected one of 'local', 's3'"),
+        ({"run": {"processes": "2"}}, "run.processes: expected an integer"),
         (
             {"log": {"output": ["stdout", "syslog"]}},
             "log.output[1]: expected one of 'stdout', 'file', 'cloudwatch'",
@@ -464,6 +465,11 @@ def test_file_errors_name_key_paths(tmp_path: Path) -> None:
         ),
         ({"smtp": {"max_recipients": 0}}, "smtp.max_recipients: expected a positive integer"),
         ({"smtp": {"listen": []}}, "smtp.listen: at least one host:port is required"),
+        ({"run": {"processes": 0}}, "run.processes: expected 1 to 64"),
+        (
+            {"run": {"processes": 2}, "smtp": {"listen": ["127.0.0.1:0"]}},
+            "smtp.listen: 127.0.0.1:0 cannot be shared by run.processes; give a fixed port",
+        ),
         (
             {"delivery": {"retry_schedule": []}},
             "delivery.retry_schedule: at least one delay is required",

@@ -11,11 +11,14 @@ provider's acceptance and our record; nothing answered 451 is ever delivered.
 from __future__ import annotations
 
 import collections
+import os
 import random
 import signal
 import smtplib
 import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -422,6 +425,114 @@ async def test_two_instances_share_the_queue_without_double_delivery(
     assert sum(sessions) == 40 and all(sessions), sessions
     busy = [sum("delivered in" in m for m in p.messages()) for p in procs]
     assert sum(busy) == 40 and all(busy), busy
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    """The processes this one started (Linux /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def by_worker(proc: SmtpProxyProcess, message: str) -> collections.Counter[int]:
+    return collections.Counter(
+        int(r.get("worker", -1)) for r in proc.lines if r.get("msg") == message
+    )
+
+
+async def test_one_run_command_serves_with_two_processes(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    routed: None,
+    fake: FakeSendGrid,
+) -> None:
+    """`run.processes = 2`: `smtpproxy run` starts a second process that shares the
+    SMTP port and delivers too; mail accepted by either is delivered exactly once; the
+    health endpoint adds up both processes' counters; a worker killed with SIGKILL is
+    started again; SIGTERM stops both, cleanly."""
+    port, health = free_port(), free_port()
+    config = write_config(
+        tmp_path / "two.toml",
+        {
+            "data_dir": str(tmp_path / "data"),
+            "run": {"processes": 2},
+            "smtp": {"listen": [f"127.0.0.1:{port}"]},
+            "database": {"url": pg_url},
+            "redis": {"url": redis_url, "key_prefix": key_prefix},
+            "health": {"listen": f"127.0.0.1:{health}"},
+            "security": {"secret_key": KEY},
+            "delivery": {**FAST, "concurrency": 8},
+        },
+    )
+    proc = SmtpProxyProcess(config)
+    try:
+        await run(proc.wait_ready)
+        with trio.fail_after(60):
+            while await run(lambda: http_status(health, "/readyz")) != 200:
+                await trio.sleep(0.1)  # the worker is ready too
+        [worker] = children(proc.proc.pid)
+        results = [await run(lambda: try_send(port, account["password"])) for _ in range(40)]
+        ids = {mid for code, mid in results if code == "250"}
+        await wait_delivered(fake, ids)
+        merged = await run(lambda: http_text(health, "/metrics"))
+        own = await run(lambda: http_text(health, "/metrics/process"))
+
+        os.kill(worker, signal.SIGKILL)
+        with trio.fail_after(60):
+            while children(proc.proc.pid) in ([], [worker]):
+                await trio.sleep(0.1)
+            while await run(lambda: http_status(health, "/readyz")) != 200:
+                await trio.sleep(0.1)
+        [restarted] = children(proc.proc.pid)
+        again = await run(lambda: try_send(port, account["password"]))
+        await wait_delivered(fake, {again[1]})
+    finally:
+        code = await run(proc.stop)
+    assert code == 0
+    with pytest.raises(ProcessLookupError):  # stopped and reaped by the primary
+        os.kill(restarted, 0)
+    assert len(ids) == 40
+    assert set(deliveries(fake).values()) == {1}
+    assert "smtpproxy_processes 2" in merged.splitlines()
+    accepted = "smtpproxy_messages_accepted_total"
+    assert sample(merged, accepted) == 40
+    assert 0 < sample(own, accepted) < 40  # the worker accepted the rest
+    sessions = by_worker(proc, "SMTP session ended")
+    assert sessions[0] + sessions[1] == 41 and sessions[0] and sessions[1], sessions
+    assert any("worker 1 exited unexpectedly" in m for m in proc.messages("ERROR"))
+
+
+def http_text(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def sample(text: str, series: str) -> float:
+    """The sum of a metric's series (over its labels) in an exposition."""
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith((series + " ", series + "{"))
+    )
 
 
 async def test_sigkill_under_load_loses_nothing_and_duplicates_at_most_once_per_kill(

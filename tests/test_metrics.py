@@ -90,3 +90,44 @@ def test_message_gauges_fill_every_status_and_take_the_oldest_waiting() -> None:
         (("status", "storage_error"),): 0,
     }
     assert parsed["smtpproxy_queue_oldest_age_seconds"] == {(): 400.0}
+
+
+def test_merge_adds_up_the_processes_of_one_instance() -> None:
+    """run.processes: counters, histogram buckets and process gauges are added up, a
+    series only one process has is kept, the start time is the first process's, and
+    families only the first renders (queue gauges) are left as they are."""
+    first_sessions = Counter("demo_sessions", "Sessions.", ("outcome",))
+    other_sessions = Counter("demo_sessions", "Sessions.", ("outcome",))
+    first_sessions.inc("ok", amount=3)
+    other_sessions.inc("ok", amount=4)
+    other_sessions.inc("refused")
+    first_latency = Histogram("demo_seconds", "Latency.", (0.1, 1.0))
+    other_latency = Histogram("demo_seconds", "Latency.", (0.1, 1.0))
+    first_latency.observe(0.05)
+    other_latency.observe(0.5)
+    queue = metrics.sample("demo_queue", "Waiting (read from PostgreSQL).", 9)
+    first = metrics.render(
+        [
+            queue,
+            first_sessions.render(),
+            first_latency.render(),
+            metrics.sample("process_start_time_seconds", "Start.", 100),
+            metrics.sample("process_resident_memory_bytes", "RSS.", 1000),
+        ]
+    )
+    other = metrics.render(
+        [
+            other_sessions.render(),
+            other_latency.render(),
+            metrics.sample("process_start_time_seconds", "Start.", 200),
+            metrics.sample("process_resident_memory_bytes", "RSS.", 500),
+        ]
+    )
+    merged = parse(metrics.merge(first.decode(), [other.decode()]).encode())
+    assert merged["demo_sessions_total"] == {(("outcome", "ok"),): 7, (("outcome", "refused"),): 1}
+    buckets = merged["demo_seconds_bucket"]
+    assert [buckets[(("le", le),)] for le in ("0.1", "1.0", "+Inf")] == [1, 2, 2]
+    assert merged["demo_seconds_count"] == {(): 2}
+    assert merged["demo_queue"] == {(): 9}
+    assert merged["process_start_time_seconds"] == {(): 100}
+    assert merged["process_resident_memory_bytes"] == {(): 1500}

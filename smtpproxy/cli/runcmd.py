@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import typer
 from rich.text import Text
@@ -21,14 +22,19 @@ def register(app: typer.Typer) -> None:
         Example: [bold]smtpproxy --config /etc/smtpproxy/smtpproxy.toml run[/bold]
         """
         import trio
+        from loguru import logger
 
         from smtpproxy import logsetup, memory
         from smtpproxy.service import run_until_signalled
+        from smtpproxy.workers import Role, process_config
 
-        cfg = config(ctx)
+        role = Role.of(os.environ)  # the primary, or a worker it started (run.processes)
+        cfg = process_config(config(ctx), role)
         memory.pin_mmap_threshold()  # before any thread starts
         logsetup.configure(cfg)
-        trio.run(run_until_signalled, cfg)
+        if cfg.run.processes > 1:  # which process wrote a line
+            logger.configure(extra={"worker": role.index})
+        trio.run(run_until_signalled, cfg, role)
 
     @app.command("check-config")
     def check_config(ctx: typer.Context, as_json: bool = JsonOption) -> None:

@@ -17,7 +17,7 @@ fair figure to compare with Postfix, whose queue is its own files.
     just bench --new-connection --tls            # a new STARTTLS + AUTH session per message
     just bench --idle 1000                       # memory with 1,000 idle sessions
     just bench --idle 2000 --tls --bursts 3      # and what bursts of STARTTLS sessions leave
-    just bench --processes 2                     # two smtpproxy processes on one port
+    just bench --processes 2                     # smtpproxy run with run.processes = 2
     just bench --compare-postfix                 # the same load on Postfix's smtpd, then the ratio
     just bench --target postfix --generator smtp-source   # Postfix driven by its own smtp-source
     just bench --host 10.0.0.5 --port 2525 --user bench --password-stdin   # an instance you run
@@ -229,7 +229,7 @@ def main() -> None:
         "--processes",
         type=int,
         default=1,
-        help="smtpproxy processes sharing the port (smtp.reuse_port)",
+        help="run.processes of the smtpproxy under test",
     )
     p.add_argument("--target", choices=["smtpproxy", "postfix"], default="smtpproxy")
     p.add_argument("--generator", choices=["python", "smtp-source"], default="python")

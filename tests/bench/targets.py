@@ -76,8 +76,8 @@ def free_port() -> int:
 
 class SmtpProxyInstance:
     """`smtpproxy run` with its own database, key prefix and data directory; delivery
-    off unless `deliver`, so only ingest is measured. With processes > 1, that many
-    `smtpproxy run` processes share one port (smtp.reuse_port). `settings` are merged
+    off unless `deliver`, so only ingest is measured. With processes > 1, one
+    `smtpproxy run` serves with that many processes (run.processes). `settings` are merged
     into its config file (sections as dicts: a provider, delivery.concurrency, ...);
     restart() starts it again on the same database, queue and store with changes."""
 
@@ -122,7 +122,6 @@ class SmtpProxyInstance:
             "data_dir": str(Path(self.tmp.name) / "data"),
             "smtp": {
                 "listen": [f"127.0.0.1:{free_port() if processes > 1 else 0}"],
-                "reuse_port": processes > 1,
                 "allow_plaintext_auth": not tls,
                 "max_connections": max_connections,
                 "max_connections_per_ip": max_connections,
@@ -132,6 +131,7 @@ class SmtpProxyInstance:
             "delivery": {"enabled": deliver},
             "health": {"listen": ""},
             "log": {"level": "WARNING"},
+            "run": {"processes": processes},
         }
         self.procs: list[Any] = []
         self._start(settings or {})
@@ -147,14 +147,16 @@ class SmtpProxyInstance:
                 self._settings[section] = values
         config = write_config(Path(self.tmp.name) / "smtpproxy.toml", self._settings)
         # the bench reads the listening port from the log
-        self.procs = [
-            SmtpProxyProcess(config, {"SMTPPROXY_LOG_LEVEL": "INFO", **self._env})
-            for _ in range(self._processes)
-        ]
-        for proc in self.procs:
-            proc.wait_ready(60)
-        self.port = self.procs[0].smtp_port
-        self.pids = [proc.proc.pid for proc in self.procs]
+        self.procs = [SmtpProxyProcess(config, {"SMTPPROXY_LOG_LEVEL": "INFO", **self._env})]
+        primary = self.procs[0]
+        primary.wait_ready(60)
+        deadline = time.monotonic() + 60
+        while sum(m.endswith(" ready") for m in primary.messages()) < self._processes:
+            if time.monotonic() > deadline:
+                raise RuntimeError("smtpproxy's workers did not start")
+            time.sleep(0.05)
+        self.port = primary.smtp_port
+        self.pids = [primary.proc.pid, *_children(primary.proc.pid)]
 
     def restart(self, settings: dict[str, Any]) -> None:
         """Stop (SIGTERM) and start again with these settings merged in."""

@@ -1,0 +1,254 @@
+"""`run.processes`: one `smtpproxy run` command serving with several processes.
+
+One Python process uses one core (the interpreter lock), so on a machine with cores to
+spare `smtpproxy run` can start more processes itself. The first (the primary) starts
+the others (workers) as `smtpproxy run` with the same configuration and
+SMTPPROXY_WORKER in their environment, and keeps them running:
+
+* every process binds the SMTP listeners with SO_REUSEPORT (the kernel spreads new
+  connections between them) and runs delivery consumers; the retry scheduler, the
+  reconciler and the storage checker run in the primary only;
+* a worker tells the primary the port of its private health endpoint (127.0.0.1, an
+  ephemeral port) through a pipe once it is ready; the primary's /readyz includes every
+  worker, and its /metrics adds up the workers' own counters (metrics.merge);
+* SIGTERM, SIGINT and SIGHUP to the primary go to every worker; a worker that exits
+  unexpectedly is started again with backoff; a worker whose primary dies gets SIGTERM
+  from the kernel (PR_SET_PDEATHSIG) and drains;
+* a worker logs where the primary does, except that its log file (log.output "file")
+  is its own: smtpproxy.worker1.log next to smtpproxy.log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import attrs
+import h11
+import trio
+from loguru import logger
+
+from smtpproxy.config import Config
+from smtpproxy.libc import libc
+
+WORKER_ENV = "SMTPPROXY_WORKER"  # "<index>:<fd>:<primary pid>", set for a worker only
+READY_TIMEOUT = 120.0  # a worker that does not report ready by then is started again
+STOP_MARGIN = 10.0  # beyond delivery.shutdown_grace, then a worker is killed
+PR_SET_PDEATHSIG = 1
+
+
+@attrs.frozen
+class Role:
+    """Which process of `smtpproxy run` this is: index 0 is the primary."""
+
+    index: int = 0
+    report_fd: int | None = None  # a worker reports its health port here
+    primary_pid: int | None = None
+
+    @property
+    def primary(self) -> bool:
+        return self.index == 0
+
+    @classmethod
+    def of(cls, environ: Mapping[str, str]) -> Role:
+        value = environ.get(WORKER_ENV)
+        if not value:
+            return cls()
+        index, fd, pid = (int(part) for part in value.split(":"))
+        return cls(index, fd, pid)
+
+
+def process_config(cfg: Config, role: Role) -> Config:
+    """The configuration one process serves with: with several processes the SMTP
+    listeners are shared (SO_REUSEPORT), and a worker's health endpoint is private."""
+    if cfg.run.processes == 1 and role.primary:
+        return cfg
+    cfg = attrs.evolve(cfg, smtp=attrs.evolve(cfg.smtp, reuse_port=True))
+    if role.primary:
+        return cfg
+    log_file = cfg.log_file_path.with_suffix(f".worker{role.index}{cfg.log_file_path.suffix}")
+    return attrs.evolve(
+        cfg,
+        health=attrs.evolve(cfg.health, listen="127.0.0.1:0"),
+        log=attrs.evolve(cfg.log, file_path=str(log_file)),
+    )
+
+
+def follow_primary(role: Role) -> None:
+    """In a worker: get SIGTERM when the primary dies, and stop now if it already has."""
+    prctl = getattr(libc, "prctl", None)
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if role.primary_pid is not None and os.getppid() != role.primary_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def report_ready(role: Role, health_port: int) -> None:
+    """In a worker: tell the primary where its health endpoint is; that means ready."""
+    if role.report_fd is None:
+        return
+    os.write(role.report_fd, f"{health_port}\n".encode())
+    os.close(role.report_fd)
+
+
+@attrs.define
+class Worker:
+    index: int
+    process: trio.Process | None = None
+    health_port: int | None = None  # set when it reported ready
+
+
+class Workers:
+    """The primary's view of the other processes: start, watch, signal, stop."""
+
+    def __init__(self, cfg: Config, environ: Mapping[str, str] | None = None) -> None:
+        self._cfg = cfg
+        self._environ = dict(os.environ if environ is None else environ)
+        if cfg.source:  # a worker reads the same file, wherever it was found
+            self._environ["SMTPPROXY_CONFIG"] = str(Path(cfg.source).resolve())
+        self.workers = [Worker(i) for i in range(1, cfg.run.processes)]
+        self.stopping = False
+
+    # -- what the primary's health endpoint asks
+
+    def ports(self) -> list[int]:
+        return [w.health_port for w in self.workers if w.health_port is not None]
+
+    async def check(self) -> None:
+        """For /readyz: every worker is running and ready."""
+        down = [str(w.index) for w in self.workers if w.health_port is None]
+        if down:
+            raise RuntimeError(f"worker {', '.join(down)} not ready (starting or restarting)")
+
+    async def metrics(self) -> list[str]:
+        """The process-local metrics of every ready worker (one that does not answer
+        within a second is left out of this scrape)."""
+        texts: list[str] = []
+
+        async def one(port: int) -> None:
+            with trio.move_on_after(1.0):
+                with contextlib.suppress(OSError, h11.ProtocolError, ValueError):
+                    texts.append(await fetch_local(port, "/metrics/process"))
+
+        async with trio.open_nursery() as nursery:
+            for port in self.ports():
+                nursery.start_soon(one, port)
+        return texts
+
+    # -- lifetime
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every worker and keep it running until stop()."""
+        async with trio.open_nursery() as nursery:
+            for worker in self.workers:
+                nursery.start_soon(self._keep, worker)
+            task_status.started()
+
+    async def _keep(self, worker: Worker) -> None:
+        backoff = 1.0
+        while not self.stopping:
+            started = trio.current_time()
+            code = await self._run_once(worker)
+            if self.stopping:
+                return
+            logger.error(
+                "worker {} exited unexpectedly ({}); starting it again in {:.0f} s",
+                worker.index,
+                f"code {code}" if code is not None else "not ready in time",
+                backoff,
+            )
+            if trio.current_time() - started > 60:
+                backoff = 1.0
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
+
+    async def _run_once(self, worker: Worker) -> int | None:
+        read_fd, write_fd = os.pipe()
+        env = {**self._environ, WORKER_ENV: f"{worker.index}:{write_fd}:{os.getpid()}"}
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "smtpproxy", "run"],
+                env=env,
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(write_fd)
+        worker.process = process
+        logger.info("started worker {} (pid {})", worker.index, process.pid)
+        try:
+            port = await self._ready_port(read_fd)
+            if port is None:
+                process.kill()
+                await process.wait()
+                return None
+            worker.health_port = port
+            return await process.wait()
+        finally:
+            worker.health_port = None
+            worker.process = None
+
+    @staticmethod
+    async def _ready_port(read_fd: int) -> int | None:
+        """The port the worker reports when ready; None if it exits or takes too long."""
+        pipe = trio.lowlevel.FdStream(read_fd)
+        data = b""
+        with trio.move_on_after(READY_TIMEOUT):
+            async with pipe:
+                while not data.endswith(b"\n"):
+                    chunk = await pipe.receive_some(64)
+                    if not chunk:
+                        return None
+                    data += chunk
+                return int(data)
+        return None
+
+    def signal(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.send_signal(signum)
+
+    async def stop(self) -> None:
+        """SIGTERM every worker (they drain like the primary), wait for them, kill any
+        still running after delivery.shutdown_grace and a margin."""
+        self.stopping = True
+        self.signal(signal.SIGTERM)
+        with trio.move_on_after(self._cfg.delivery.shutdown_grace + STOP_MARGIN):
+            for worker in self.workers:
+                if worker.process is not None:
+                    await worker.process.wait()
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                logger.warning("worker {} did not stop in time: killed", worker.index)
+                worker.process.kill()
+
+
+async def fetch_local(port: int, path: str) -> str:
+    """GET a path of a worker's health endpoint on 127.0.0.1 (the body as text)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = h11.Connection(h11.CLIENT)
+    async with stream:
+        request = h11.Request(
+            method="GET", target=path, headers=[("Host", "127.0.0.1"), ("Connection", "close")]
+        )
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        body = b""
+        status = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(65536)))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        if status != 200:
+            raise ValueError(f"{path}: HTTP {status}")
+        return body.decode()
