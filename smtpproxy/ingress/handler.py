@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiosmtpd.smtp import TLSSetupException
 from loguru import logger
 
 from smtpproxy.domains import any_matches, domain_of, is_qualified_mailbox
@@ -162,5 +164,18 @@ class IngressHandler:
         return reply
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # aiosmtpd closes the connection
+            logger.info("STARTTLS handshake failed: {}", tls_failure(error.__cause__))
+            return replies.TEMPFAIL
         logger.opt(exception=error).error("SMTP session error")
         return replies.TEMPFAIL
+
+
+def tls_failure(cause: BaseException | None) -> str:
+    """Why a handshake failed, in OpenSSL's words (UNSUPPORTED_PROTOCOL, NO_SHARED_CIPHER,
+    ...): a client's old TLS or a port scanner is not an error of ours."""
+    if cause is None:
+        return "the client closed the connection"
+    if isinstance(cause, ssl.SSLError) and cause.reason:
+        return str(cause.reason)
+    return type(cause).__name__
