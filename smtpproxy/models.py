@@ -16,12 +16,13 @@ import attrs
 class Status(enum.StrEnum):
     """Lifecycle of a message row in PostgreSQL."""
 
+    # (in the order reports show them)
     QUEUED = "queued"  # durable, on the stream (or to be re-enqueued), waiting for a consumer
-    SENDING = "sending"  # claimed by one consumer, provider call in flight
     RETRYING = "retrying"  # a transient failure; next_attempt_at says when
+    SENDING = "sending"  # claimed by one consumer, provider call in flight
     DELIVERED = "delivered"  # a provider accepted it
-    FAILED = "failed"  # permanent failure (the provider refused it, or no route)
     DLQ = "dlq"  # gave up after max attempts/age; on the dead-letter stream
+    FAILED = "failed"  # permanent failure (the provider refused it, or no route)
     ENQUEUE_FAILED = "enqueue_failed"  # the client was told 451: must never be delivered
     STORAGE_ERROR = "storage_error"  # the body is gone; dead-lettered
     SPLIT = "split"  # its recipients route to several providers: one child row per route
@@ -37,8 +38,12 @@ FINAL = frozenset(
         Status.SPLIT,
     }
 )
-LIVE = frozenset({Status.QUEUED, Status.SENDING, Status.RETRYING})
-CLAIMABLE = frozenset({Status.QUEUED, Status.RETRYING})
+LIVE = frozenset({Status.QUEUED, Status.SENDING, Status.RETRYING})  # still to be delivered
+CLAIMABLE = frozenset({Status.QUEUED, Status.RETRYING})  # a consumer may take it
+# what an operator lists, replays and purges as dead letters (`smtpproxy dlq`)
+DEAD = frozenset({Status.DLQ, Status.FAILED, Status.STORAGE_ERROR})
+# put on the dead-letter stream when they end
+DEAD_LETTERED = frozenset({Status.DLQ, Status.STORAGE_ERROR})
 
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.QUEUED: frozenset(
@@ -69,6 +74,11 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
 def may_transition(old: Status, new: Status) -> bool:
     """True when a message in status old may move to status new."""
     return new in TRANSITIONS[old]
+
+
+def values(statuses: frozenset[Status]) -> tuple[str, ...]:
+    """The statuses as strings in the enum's order: for SQL parameters and tables."""
+    return tuple(s.value for s in Status if s in statuses)
 
 
 class OutcomeKind(enum.StrEnum):

@@ -16,9 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from smtpproxy import models
 from smtpproxy.delivery.pacing import PACED
 from smtpproxy.errors import UsageError
-from smtpproxy.models import Status
+from smtpproxy.models import FINAL, Status, values
 
 DELIVERED = "delivered"
 TRANSIENT = frozenset({"retrying", "failover"})
@@ -292,8 +293,6 @@ def series(
 
 # -- one message -------------------------------------------------------------------------
 
-FINAL = frozenset({"delivered", "failed", "dlq", "storage_error", "enqueue_failed"})
-
 
 def body_state(message: Mapping[str, Any]) -> dict[str, Any]:
     """Whether the message's body is still in the store, from what PostgreSQL knows."""
@@ -375,7 +374,7 @@ def timeline(
             }
         )
     for m in (message, *children):
-        if m["status"] in ("retrying", "queued") and m["next_attempt_at"] is not None:
+        if m["status"] in models.CLAIMABLE and m["next_attempt_at"] is not None:
             detail = f"due (attempt {m['attempts'] + 1})"
             if (m["last_error"] or "").startswith(PACED):
                 detail = f"{m['last_error']}; not counted as an attempt"
@@ -403,8 +402,8 @@ def timeline(
 
 # -- the queue ---------------------------------------------------------------------------
 
-DEAD = ("dlq", "failed", "storage_error")
-_LIVE = ("queued", "retrying", "sending")
+DEAD = values(models.DEAD)
+_LIVE = values(models.LIVE)
 
 
 def _earliest(values: Iterable[datetime | None]) -> datetime | None:

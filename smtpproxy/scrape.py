@@ -17,13 +17,15 @@ import trio
 from psycopg.rows import dict_row
 
 from smtpproxy import logsetup, metrics
+from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.delivery.breaker import ProviderHealth
-from smtpproxy.ingress.protocol import Gate
+from smtpproxy.ingress.gate import Gate
+from smtpproxy.models import DEAD, LIVE, values
 from smtpproxy.resources import Resources
 
 CACHE_SECONDS = 5.0
-STATUSES = ("queued", "retrying", "sending", "dlq", "failed", "storage_error")
+STATUSES = values(LIVE | DEAD)
 CIRCUIT_STATES = ("closed", "open", "half-open")
 
 
@@ -32,7 +34,7 @@ def message_gauges(rows: list[dict[str, Any]]) -> list[str]:
     oldest = 0.0
     for r in rows:
         counts[(str(r["status"]),)] = float(r["n"])
-        if r["status"] in ("queued", "retrying", "sending") and r["oldest_s"] is not None:
+        if r["status"] in LIVE and r["oldest_s"] is not None:
             oldest = max(oldest, float(r["oldest_s"]))
     return metrics.gauge(
         "smtpproxy_messages",
@@ -139,7 +141,7 @@ def cloudwatch_counters() -> list[str]:
     )
 
 
-def _read_messages(conn: Any) -> list[dict[str, Any]]:
+def _read_messages(conn: Conn) -> list[dict[str, Any]]:
     conn.execute("SET LOCAL statement_timeout = 2000")  # a scrape must not queue up
     with conn.cursor(row_factory=dict_row) as cur:
         return list(cur.execute(Q.metrics_messages).fetchall())

@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 
+from smtpproxy import models
 from smtpproxy.cli.common import (
     JsonOption,
     YesOption,
@@ -24,10 +25,11 @@ from smtpproxy.cli.common import (
     emit_rows,
     say,
 )
+from smtpproxy.db.pool import Conn
 
 app = typer.Typer(no_args_is_help=True)
 
-DEAD = ["dlq", "failed", "storage_error"]
+DEAD = list(models.values(models.DEAD))
 COLUMNS = ["id", "tenant", "account", "status", "attempts", "provider", "finished_at", "last_error"]
 
 
@@ -51,7 +53,7 @@ def _since(text: str | None) -> datetime | None:
 
 
 def _select(
-    conn: Any,
+    conn: Conn,
     *,
     ids: list[str] | None,
     tenant: str | None,
@@ -86,7 +88,7 @@ def _select(
 
 
 def _chosen(
-    conn: Any, ids: list[str] | None, limit: int, **filters: str | None
+    conn: Conn, ids: list[str] | None, limit: int, **filters: str | None
 ) -> list[dict[str, Any]]:
     """The dead letters a retry or purge acts on: the ids named (each must be one) or
     those the filters select; with neither, nothing (refused)."""
@@ -217,7 +219,7 @@ def retry(
     _report([r for r in usable if r["id"] in {str(q[0]) for q in requeued}], skipped, as_json)
 
 
-def _check_provider(conn: Any, cfg: Any, tenants: set[str], name: str) -> None:
+def _check_provider(conn: Conn, cfg: Any, tenants: set[str], name: str) -> None:
     from smtpproxy import admin
     from smtpproxy.errors import NotFoundError
 
@@ -333,7 +335,7 @@ def purge(
     done(f"purged {len(deleted)} messages", as_json, ids=sorted(str(r[0]) for r in deleted))
 
 
-def _key_in_use(conn: Any, key: str) -> bool:
+def _key_in_use(conn: Conn, key: str) -> bool:
     from smtpproxy.db.queries import Q
 
     row = conn.execute(Q.storage_key_in_use, (key,)).fetchone()

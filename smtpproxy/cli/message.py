@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from smtpproxy.cli.common import JsonOption, database, say
+from smtpproxy.models import CLAIMABLE, LIVE
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -120,7 +121,7 @@ def _human(r: dict[str, Any], now: datetime) -> None:  # noqa: PLR0912 - one row
 
     status = status_text(r["status"]) if r["status"] != "split" else Text("split")
     status.append(f"  after {r['attempts']} attempt{'s' if r['attempts'] != 1 else ''}")
-    if r["status"] in ("retrying", "queued") and r["next_attempt_at"] is not None:
+    if r["status"] in CLAIMABLE and r["next_attempt_at"] is not None:
         status.append(f", next attempt at {format_time(r['next_attempt_at'])} UTC")
     if r["status"] == "sending":
         status.append(f", claimed by {r['claimed_by']} at {format_time(r['claimed_at'])} UTC")
@@ -160,7 +161,7 @@ def _human(r: dict[str, Any], now: datetime) -> None:  # noqa: PLR0912 - one row
                 f"{c['id']}  {c['status']}  {', '.join(c['rcpt_to'])}" for c in r["children"]
             ),
         )
-    if r["status"] in ("queued", "retrying", "sending"):
+    if r["status"] in LIVE:
         row("age", format_age((now - r["created_at"]).total_seconds()))
     print_table(
         Panel(Group(grid), title=Text(f"message {r['id']}"), title_align="left", expand=False)

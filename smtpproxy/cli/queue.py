@@ -11,6 +11,7 @@ from rich.text import Text
 
 from smtpproxy.cli.common import JsonOption, config, database, error_line, say
 from smtpproxy.config import Config
+from smtpproxy.models import CLAIMABLE, DEAD, values
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -135,7 +136,7 @@ def _human(report: dict[str, Any], now: datetime) -> None:
     if report["tenants"]:
         table = Table(title="per tenant (UTC)", title_justify="left")
         table.add_column("tenant", no_wrap=True)
-        for name in ("queued", "retrying"):
+        for name in values(CLAIMABLE):
             table.add_column(name, justify="right", no_wrap=True)
         table.add_column("next retry", no_wrap=True)
         table.add_column("sending", justify="right", no_wrap=True)
@@ -143,8 +144,8 @@ def _human(report: dict[str, Any], now: datetime) -> None:
         if redis["available"]:
             table.add_column("on stream", justify="right", no_wrap=True)
             table.add_column("pending", justify="right", no_wrap=True)
-        for name in ("dlq", "failed", "storage error"):
-            table.add_column(name, justify="right", no_wrap=True)
+        for name in values(DEAD):
+            table.add_column(name.replace("_", " "), justify="right", no_wrap=True)
         for t in report["tenants"]:
             cells = [
                 Text(t["tenant"]),
@@ -156,7 +157,7 @@ def _human(report: dict[str, Any], now: datetime) -> None:
             ]
             if redis["available"]:
                 cells += [Text(f"{t['stream_length']:,}"), Text(f"{t['stream_pending']:,}")]
-            cells += [Text(f"{t[k]:,}") for k in ("dlq", "failed", "storage_error")]
+            cells += [Text(f"{t[k]:,}") for k in values(DEAD)]
             table.add_row(*cells)
         print_table(table)
     else:

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from smtpproxy.delivery.retry import Decision, RetryPolicy, decide
-from smtpproxy.models import FINAL, Outcome, Status
+from smtpproxy.models import DEAD_LETTERED, FINAL, Outcome, Status, may_transition
 
 
 @attrs.frozen
@@ -99,7 +99,8 @@ class Finish:
     """The end of one claim."""
 
     msg: Claimed
-    status: Status
+    # a claim ends only in a status models.TRANSITIONS allows after sending
+    status: Status = attrs.field(validator=lambda _, __, s: _leaves_sending(s))
     next_attempt_at: datetime | None = None
     provider: str | None = None
     provider_message_id: str | None = None
@@ -117,7 +118,12 @@ class Finish:
 
     @property
     def dead_letter(self) -> bool:
-        return self.status in (Status.DLQ, Status.STORAGE_ERROR)
+        return self.status in DEAD_LETTERED
+
+
+def _leaves_sending(status: Status) -> None:
+    if not may_transition(Status.SENDING, status):
+        raise ValueError(f"a claim cannot end in status {status.value}")
 
 
 def when(delay: float | None) -> datetime | None:
