@@ -14,7 +14,6 @@ from __future__ import annotations
 import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
 
 import attrs
 import trio
@@ -23,16 +22,18 @@ from loguru import logger
 from smtpproxy.config import Config, HostPort
 from smtpproxy.db import migrate
 from smtpproxy.delivery import directory
-from smtpproxy.delivery.consumer import Consumer, DirectoryHolder, consumer_name
+from smtpproxy.delivery.consumer import Consumer, consumer_name
+from smtpproxy.delivery.directory import DirectoryHolder
 from smtpproxy.delivery.retry import RetryPolicy
 from smtpproxy.delivery.scheduler import run_checker, run_reconciler, run_scheduler
 from smtpproxy.errors import DatabaseUnavailable
 from smtpproxy.health import HealthState, run_health
+from smtpproxy.ingress.gate import Gate
 from smtpproxy.ingress.server import run_ingress
 from smtpproxy.reload import run_reload
 from smtpproxy.resources import Resources, open_resources
 from smtpproxy.scrape import Scraper
-from smtpproxy.supervise import supervise
+from smtpproxy.supervise import Backoff, supervise
 from smtpproxy.workers import Role, Workers, follow_primary, report_ready
 
 PRIMARY = Role()
@@ -52,7 +53,7 @@ def retry_policy(cfg: Config) -> RetryPolicy:
 
 async def _wait_for_database(res: Resources) -> None:
     """Apply migrations, waiting (and saying so) while PostgreSQL is unreachable."""
-    delay = 1.0
+    backoff = Backoff(1.0, 30.0)
     while True:
         try:
             applied = await trio.to_thread.run_sync(
@@ -61,9 +62,9 @@ async def _wait_for_database(res: Resources) -> None:
                 )
             )
         except DatabaseUnavailable as exc:
-            logger.warning("waiting for PostgreSQL ({}); retrying in {:.0f} s", exc, delay)
-            await trio.sleep(delay)
-            delay = min(delay * 2, 30)
+            wait = backoff.next()
+            logger.warning("waiting for PostgreSQL ({}); retrying in {:.0f} s", exc, wait)
+            await trio.sleep(wait)
             continue
         for mig in applied:
             logger.info("applied migration {:03d}_{}", mig.version, mig.name)
@@ -83,7 +84,7 @@ def _health_checks(res: Resources) -> dict[str, object]:
     return {"postgresql": postgresql, "redis": redis, "store": store}
 
 
-def _backlog_check(gate: Any) -> Callable[[], Awaitable[None]]:
+def _backlog_check(gate: Gate) -> Callable[[], Awaitable[None]]:
     async def queue() -> None:
         if gate.overloaded:
             raise RuntimeError(

@@ -35,6 +35,7 @@ from loguru import logger
 
 from smtpproxy.config import Config
 from smtpproxy.libc import libc
+from smtpproxy.supervise import Backoff
 
 WORKER_ENV = "SMTPPROXY_WORKER"  # "<index>:<fd>:<primary pid>", set for a worker only
 READY_TIMEOUT = 120.0  # a worker that does not report ready by then is started again
@@ -150,22 +151,20 @@ class Workers:
             task_status.started()
 
     async def _keep(self, worker: Worker) -> None:
-        backoff = 1.0
+        backoff = Backoff(1.0, 60.0)
         while not self.stopping:
             started = trio.current_time()
             code = await self._run_once(worker)
             if self.stopping:
                 return
+            wait = backoff.after_run(trio.current_time() - started)
             logger.error(
                 "worker {} exited unexpectedly ({}); starting it again in {:.0f} s",
                 worker.index,
                 f"code {code}" if code is not None else "not ready in time",
-                backoff,
+                wait,
             )
-            if trio.current_time() - started > 60:
-                backoff = 1.0
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 60.0)
+            await trio.sleep(wait)
 
     async def _run_once(self, worker: Worker) -> int | None:
         read_fd, write_fd = os.pipe()

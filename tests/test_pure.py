@@ -699,3 +699,13 @@ def test_simple_address_lists_read_as_the_full_parser_reads_them(value: str) -> 
         assert fast == [
             mime.Address(a.addr_spec, a.display_name or "") for a in full.addresses if a.addr_spec
         ]
+
+
+def test_backoff_doubles_to_its_ceiling_and_starts_again_after_a_healthy_run() -> None:
+    from smtpproxy.supervise import HEALTHY_AFTER, Backoff
+
+    backoff = Backoff(0.5, 3.0)
+    assert [backoff.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert backoff.after_run(1.0) == 3.0  # a crash right after start: keep waiting long
+    assert backoff.after_run(HEALTHY_AFTER + 1) == 0.5
+    assert backoff.next() == 1.0

@@ -24,17 +24,22 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
 from loguru import logger
 
+from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.delivery.records import Finish
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable
 from smtpproxy.queue.streams import Entry, Streams, dead_letter_fields
 from smtpproxy.resources import Resources
+from smtpproxy.supervise import Backoff
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 T = TypeVar("T")
 BATCH_MAX = 1000  # outcomes in one transaction
@@ -44,7 +49,7 @@ BATCH_MAX = 1000  # outcomes in one transaction
 class _Item:
     finish: Finish | None  # None: only acknowledge the entries
     entries: Sequence[Entry]
-    log: Any
+    log: Logger
     done: trio.Event | None
 
 
@@ -56,7 +61,7 @@ class Recorder:
         self._send, self._receive = trio.open_memory_channel[_Item](math.inf)
         self.batches = 0
 
-    async def record(self, finish: Finish, entry: Entry | None, log: Any) -> None:
+    async def record(self, finish: Finish, entry: Entry | None, log: Logger) -> None:
         """Record a claim's end, then acknowledge its stream entry; returns once both are
         done (or the acknowledgement failed and was logged)."""
         done = trio.Event()
@@ -68,16 +73,16 @@ class Recorder:
         if entries:
             self._send.send_nowait(_Item(None, entries, logger, None))
 
-    async def db_retrying(self, fn: Callable[[Any], T], log: Any) -> T:
+    async def db_retrying(self, fn: Callable[[Any], T], log: Logger) -> T:
         """Run fn(conn) until PostgreSQL answers."""
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while True:
             try:
                 return await self._res.db.run(fn)
             except DatabaseUnavailable as exc:
-                log.warning("database unavailable, retrying in {:.1f} s: {}", delay, exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 10)
+                wait = backoff.next()
+                log.warning("database unavailable, retrying in {:.1f} s: {}", wait, exc)
+                await trio.sleep(wait)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -134,7 +139,7 @@ class Recorder:
             if item.done is not None:
                 item.done.set()
 
-    def _commit(self, conn: Any, finishes: list[Finish]) -> set[str]:
+    def _commit(self, conn: Conn, finishes: list[Finish]) -> set[str]:
         """Blocking, one transaction: end the claims we still hold, then write the logs
         and children of those only. The ids of the claims ended."""
         won = {
@@ -168,7 +173,7 @@ class Recorder:
                     )
         return won
 
-    def _tell(self, finish: Finish, log: Any, *, won: bool) -> None:
+    def _tell(self, finish: Finish, log: Logger, *, won: bool) -> None:
         """The outcome's log lines and metrics, once it is recorded."""
         if not won:
             log.warning("outcome not recorded: another consumer took the message over")

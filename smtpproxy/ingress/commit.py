@@ -40,6 +40,7 @@ from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavail
 from smtpproxy.ingress import bridge, replies
 from smtpproxy.models import Submission
 from smtpproxy.resources import Resources
+from smtpproxy.supervise import Backoff
 from smtpproxy.threads import DeadlinePassed
 
 UNDO_GRACE = 5.0  # after the deadline, time to record that a batch was refused
@@ -201,15 +202,14 @@ class Committer:
         451, so whatever rows it wrote must never be delivered. They have no stream
         entry yet; marking them enqueue_failed keeps the reconciler from adding one."""
         params = {"ids": ids, "reason": "not committed within smtp.commit_timeout"}
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while True:
             try:
                 await self._res.db.run(lambda conn: conn.execute(Q.mark_enqueue_failed, params))
                 break
             except DatabaseUnavailable as exc:
                 logger.bind(message_ids=ids).warning("cannot yet refuse late rows: {}", exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 10)
+                await trio.sleep(backoff.next())
         await self._remove_bodies(keys, deadline=math.inf)
 
     async def _forget_duplicates(
