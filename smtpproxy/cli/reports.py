@@ -11,7 +11,6 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
 import typer
 from psycopg.rows import dict_row
 from rich.console import Console, RenderableType
@@ -20,14 +19,13 @@ from rich.table import Table
 from rich.text import Text
 
 from smtpproxy.cli.common import JsonOption, console, database, say
+from smtpproxy.db.pool import Conn
 
 STATUS_STYLE = {"delivered": "green", "retried": "yellow", "failed": "red"}
 ERROR_WIDTH = 60
 MAX_LIMIT = 10_000
 MAX_BUCKETS = 2000
 PIPE_WIDTH = 400
-
-Conn = psycopg.Connection[Any]
 
 
 # -- shared ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -22,6 +22,10 @@ T = TypeVar("T")
 
 # errors that mean "the server is not reachable or the connection broke": retry later
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+
+
+# a connection as the adapters hand it out (rows as tuples unless a cursor says dict_row)
+Conn = psycopg.Connection[Any]
 
 
 def describe_unavailable(exc: BaseException) -> str:

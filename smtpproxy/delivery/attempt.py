@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from smtpproxy.delivery import providers, records, routing
 from smtpproxy.delivery.breaker import ProviderHealth, Throttle
-from smtpproxy.delivery.directory import ProviderPool, Snapshot
+from smtpproxy.delivery.directory import DirectoryHolder, ProviderPool, Snapshot
 from smtpproxy.delivery.pacing import Admission, Pace, Pacer, waiting_reason
 from smtpproxy.delivery.records import Claimed, Finish, LogRow
 from smtpproxy.delivery.retry import Decision, RetryPolicy
@@ -38,6 +38,9 @@ from smtpproxy.errors import BodyNotFound, QueueUnavailable, StoreUnavailable
 from smtpproxy.models import Outcome, OutcomeKind, Status
 from smtpproxy.resources import Resources
 from smtpproxy.store.base import StoreError
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 NO_ROUTE = "no routing rule matches and no default route"
 _HOLD = Admission(allowed=False, limit="hold")
@@ -80,13 +83,13 @@ class Deliverer:
     def __init__(
         self,
         res: Resources,
-        snapshot: Any,  # an object with a current `.snapshot` (DirectoryHolder)
+        directory: DirectoryHolder,
         pool: ProviderPool,
         health: ProviderHealth,
         policy: RetryPolicy,
     ) -> None:
         self._res = res
-        self._directory = snapshot
+        self._directory = directory
         self._pool = pool
         self._health = health
         self._policy = policy
@@ -96,7 +99,7 @@ class Deliverer:
         self._provider_wait = cfg.provider_wait
         self._concurrency = cfg.concurrency
 
-    async def deliver(self, msg: Claimed, body: bytes | StoreError, log: Any) -> Finish:
+    async def deliver(self, msg: Claimed, body: bytes | StoreError, log: Logger) -> Finish:
         """One attempt; body is what the batch read found (bytes, BodyNotFound or
         StoreUnavailable)."""
         if isinstance(body, BodyNotFound):
@@ -147,7 +150,7 @@ class Deliverer:
         return out
 
     async def _send(
-        self, msg: Claimed, group: routing.RouteGroup, body: bytes, snapshot: Snapshot, log: Any
+        self, msg: Claimed, group: routing.RouteGroup, body: bytes, snapshot: Snapshot, log: Logger
     ) -> Finish:
         delivery = providers.Delivery(
             message_id=msg.id,
@@ -187,7 +190,7 @@ class Deliverer:
         tried: _Tried,
         *,
         last: bool,
-        log: Any,
+        log: Logger,
     ) -> Finish | None:
         """One candidate provider: the Finish when it decided the attempt, None when the
         next one is to be tried (why is added to `tried`)."""
@@ -251,7 +254,7 @@ class Deliverer:
         name: str,
         provider: providers.Provider,
         delivery: providers.Delivery,
-        log: Any,
+        log: Logger,
     ) -> tuple[Outcome, int] | Finish:
         """Call the provider, in the sending mailbox's turn if it paces its senders:
         (outcome, milliseconds), or the Finish of a message that must wait its turn."""
@@ -269,7 +272,7 @@ class Deliverer:
         return outcome, duration_ms
 
     async def _turn(
-        self, msg: Claimed, provider: str, pace: Pace | None, log: Any
+        self, msg: Claimed, provider: str, pace: Pace | None, log: Logger
     ) -> Throttle | Finish | None:
         """For a paced sender: its concurrency slot (to release after the call), or the
         Finish that puts the message back until its turn. None when nothing is paced, or
@@ -295,7 +298,7 @@ class Deliverer:
         return records.paced(msg, provider, reason, admission.wait, self._policy)
 
     async def _held(
-        self, msg: Claimed, provider: str, pace: Pace, outcome: Outcome, log: Any
+        self, msg: Claimed, provider: str, pace: Pace, outcome: Outcome, log: Logger
     ) -> Finish:
         """The provider throttled this mailbox (429): hold it alone, for as long as it
         asked (a minute when it did not say), and put the message back until then."""
@@ -315,7 +318,7 @@ class Deliverer:
         outcome = await provider.send(delivery)
         return outcome, int((time.monotonic() - started) * 1000)
 
-    async def _read_again(self, msg: Claimed, log: Any) -> bytes | StoreError:
+    async def _read_again(self, msg: Claimed, log: Logger) -> bytes | StoreError:
         """A body the batch did not find, read again after each body_read_retries delay
         (a store that is slow to show a new object); the last error if it never comes."""
         res = self._res

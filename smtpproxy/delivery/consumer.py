@@ -31,19 +31,19 @@ import os
 import secrets
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import attrs
 import trio
 from loguru import logger
 from psycopg.rows import dict_row
 
+from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.delivery import legacy
 from smtpproxy.delivery.attempt import Deliverer
 from smtpproxy.delivery.breaker import ProviderHealth
 from smtpproxy.delivery.budget import BODY_BUDGET, READ_CHUNK, ByteBudget, Slots, by_bytes
-from smtpproxy.delivery.directory import ProviderPool, Snapshot
+from smtpproxy.delivery.directory import DirectoryHolder, ProviderPool
 from smtpproxy.delivery.recorder import Recorder
 from smtpproxy.delivery.records import Claimed
 from smtpproxy.delivery.retry import RetryPolicy
@@ -55,6 +55,9 @@ from smtpproxy.resources import Resources
 from smtpproxy.store import key_for
 from smtpproxy.store.base import StoreError
 from smtpproxy.threads import Offload
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 _RUN = secrets.token_hex(3)  # two containers can share a hostname and pid 1
 
@@ -112,13 +115,6 @@ class StreamRotation:
     def found(self, streams_read: int, entries: int) -> None:
         """What the last read of streams_read streams returned."""
         self._empty = 0 if entries else self._empty + streams_read
-
-
-@attrs.define
-class DirectoryHolder:
-    """The current routing snapshot; replaced by the reload task."""
-
-    snapshot: Snapshot
 
 
 class Consumer:
@@ -195,7 +191,7 @@ class Consumer:
             await trio.sleep_forever()
 
     async def _heartbeat(
-        self, log: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, log: Logger, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Beat in the liveness registry while running (the first beat before anything
         is read); leave it when stopped, so what this consumer still holds can be taken
@@ -218,7 +214,7 @@ class Consumer:
                 scope.shield = True  # a failure only means our entry expires on its own
                 await self._beat_offload(self._registry.leave, self.name)
 
-    async def _take_over(self, streams: list[str], count: int, log: Any) -> list[Entry]:
+    async def _take_over(self, streams: list[str], count: int, log: Logger) -> list[Entry]:
         """The entries of consumers that stopped beating (crashed, killed)."""
         entries: list[Entry] = await self._res.redis_offload(
             self._streams.take_over,
@@ -232,7 +228,7 @@ class Consumer:
             log.warning("took over {} stream entries of a consumer that stopped", len(entries))
         return entries
 
-    async def _reclaim(self, streams: list[str], count: int, log: Any) -> list[Entry]:
+    async def _reclaim(self, streams: list[str], count: int, log: Logger) -> list[Entry]:
         entries: list[Entry] = await self._res.redis_offload(
             self._streams.claim_stale, self.name, streams, int(self._visibility * 1000), count
         )
@@ -256,7 +252,7 @@ class Consumer:
             await trio.sleep(0.05)
 
     # -- a batch of entries --------------------------------------------------------
-    async def _dispatch(self, entries: list[Entry], nursery: trio.Nursery, log: Any) -> None:
+    async def _dispatch(self, entries: list[Entry], nursery: trio.Nursery, log: Logger) -> None:
         """Claim the messages of a read's entries (one slot each is held), read their
         bodies and start a delivery task for each; the rest are acknowledged."""
         skipped: list[Entry] = []
@@ -296,14 +292,16 @@ class Consumer:
             for msg, body in zip(chunk, bodies, strict=True):
                 nursery.start_soon(self._deliver, msg, body, wanted[msg.id], log)
 
-    async def _message_id(self, entry: Entry, log: Any) -> str | None:
+    async def _message_id(self, entry: Entry, log: Logger) -> str | None:
         """The message id an entry stands for ("" when it names none); None when it was
         a legacy entry that was dropped or must wait."""
         if legacy.is_legacy(entry.fields):
             return await self._adopt(entry)
         return entry.fields.get("id", "")
 
-    async def _claim(self, ids: list[str], log: Any) -> tuple[list[Claimed], dict[str, str | None]]:
+    async def _claim(
+        self, ids: list[str], log: Logger
+    ) -> tuple[list[Claimed], dict[str, str | None]]:
         """Claim these messages in one statement: those claimed, and what the others are
         (their status; None: no row)."""
         live = self._live
@@ -315,7 +313,7 @@ class Consumer:
             "live_complete": live.complete,
         }
 
-        def claim(conn: Any) -> list[dict[str, Any]]:
+        def claim(conn: Conn) -> list[dict[str, Any]]:
             with conn.cursor(row_factory=dict_row) as cur:
                 rows: list[dict[str, Any]] = cur.execute(Q.claim_messages, params).fetchall()
             return rows
@@ -337,7 +335,7 @@ class Consumer:
             return [exc] * len(msgs)
 
     async def _deliver(
-        self, msg: Claimed, body: bytes | StoreError, entry: Entry, log: Any
+        self, msg: Claimed, body: bytes | StoreError, entry: Entry, log: Logger
     ) -> None:
         """One message's attempt and its record; then its slot and budget are free."""
         mlog = log.bind(message_id=msg.id, tenant_id=msg.tenant_id, account_id=msg.account_id)

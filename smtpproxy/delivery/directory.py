@@ -147,3 +147,10 @@ class ProviderPool:
         live, self._live = self._live, {}
         for _, p in live.values():
             await p.aclose()
+
+
+@attrs.define
+class DirectoryHolder:
+    """The current routing snapshot; replaced by the reload task."""
+
+    snapshot: Snapshot

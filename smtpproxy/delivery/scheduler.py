@@ -18,6 +18,7 @@ from loguru import logger
 from psycopg.rows import dict_row
 
 from smtpproxy import fsck
+from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
 from smtpproxy.resources import Resources
@@ -36,7 +37,7 @@ def _fields(row: dict[str, Any]) -> dict[str, str]:
 def enqueue_due_retries(res: Resources, limit: int = BATCH) -> int:
     """Blocking: one batch of due retries; returns how many were re-enqueued."""
 
-    def work(conn: Any) -> int:
+    def work(conn: Conn) -> int:
         with conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(Q.take_due_retries, {"limit": limit}).fetchall()
         if rows:

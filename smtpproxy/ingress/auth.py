@@ -28,13 +28,14 @@ import hmac
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
 from loguru import logger
 from psycopg.rows import dict_row
 
+from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable
 from smtpproxy.ingress import replies
@@ -43,6 +44,9 @@ from smtpproxy.ingress.limits import TOO_MANY_FAILURES, FailureTracker, ip_allow
 from smtpproxy.models import AccountIdentity
 from smtpproxy.passwords import hash_password, verify_password
 from smtpproxy.resources import Resources
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 T = TypeVar("T")
 _DUMMY_HASH = hash_password("smtpproxy timing equaliser")
@@ -151,7 +155,7 @@ class Authenticator:
         identity: AccountIdentity | None,
         client_ip: str,
         username: str,
-        log: Any,
+        log: Logger,
         *,
         counts: Counts | None,
         ticket: _Ticket | None,  # None: the credentials were known good (cached)
@@ -171,7 +175,7 @@ class Authenticator:
             self._counts.pop((client_ip, username), None)
         return identity
 
-    async def _reserve(self, client_ip: str, username: str, log: Any) -> _Ticket | str:
+    async def _reserve(self, client_ip: str, username: str, log: Logger) -> _Ticket | str:
         """A place for an attempt whose password is about to be checked, or the reply
         refusing it (421 locked; 454 when attempts in progress kept it waiting too long).
 
@@ -211,7 +215,7 @@ class Authenticator:
                 del self._lines[pair]
             self._wake_waiters()  # the next in line may try now
 
-    async def _try_reserve(self, client_ip: str, username: str, log: Any) -> tuple[str, _Ticket]:
+    async def _try_reserve(self, client_ip: str, username: str, log: Logger) -> tuple[str, _Ticket]:
         """One try for a place: ('ok', its ticket), 'wait' or 'locked'."""
         # this process's own place first: should Redis stop answering halfway, the
         # checks already under way here still count
@@ -234,7 +238,9 @@ class Authenticator:
         self._settled.set()
         self._settled = trio.Event()
 
-    async def _locked(self, client_ip: str, username: str, log: Any) -> tuple[bool, Counts | None]:
+    async def _locked(
+        self, client_ip: str, username: str, log: Logger
+    ) -> tuple[bool, Counts | None]:
         """Whether AUTH is refused for failures; the shared counts (None: Redis did
         not answer, and this process's own counts decided).
 
@@ -265,7 +271,7 @@ class Authenticator:
             self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
         self._counts[pair] = (counts, now + COUNTS_TTL)
 
-    async def _counters(self, shared: Callable[[], T], local: T, log: Any) -> T:
+    async def _counters(self, shared: Callable[[], T], local: T, log: Logger) -> T:
         """The shared counters' answer; the in-memory one when Redis does not answer."""
         try:
             return await self._res.redis_offload(shared)
@@ -273,8 +279,8 @@ class Authenticator:
             log.warning("AUTH failure counters unavailable in Redis, using this process's: {}", exc)
             return local
 
-    async def _check(self, username: str, password: bytes, log: Any) -> AccountIdentity | None:
-        def lookup(conn: Any) -> dict[str, Any] | None:
+    async def _check(self, username: str, password: bytes, log: Logger) -> AccountIdentity | None:
+        def lookup(conn: Conn) -> dict[str, Any] | None:
             with conn.cursor(row_factory=dict_row) as cur:
                 row: dict[str, Any] | None = cur.execute(
                     Q.account_for_login, (username,)
@@ -300,7 +306,7 @@ class Authenticator:
             self._cache.popitem(last=False)
 
     async def _failed(
-        self, client_ip: str, username: str, log: Any, ticket: _Ticket | None
+        self, client_ip: str, username: str, log: Logger, ticket: _Ticket | None
     ) -> str | None:
         """Count the failure (shared and here; the reserved attempt's, when it had one),
         wait, and say whether it locked AUTH. The shared counts the failure leaves

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import time
 from datetime import UTC, datetime
-from typing import Any
 
 import trio
 from loguru import logger
@@ -27,6 +26,7 @@ from smtpproxy.db.pool import mapped_errors
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable
 from smtpproxy.ingress import limits
+from smtpproxy.ingress.gate import Gate
 from smtpproxy.models import AccountIdentity, Submission
 from smtpproxy.queue.streams import mapped_errors as redis_errors
 from smtpproxy.resources import Resources
@@ -35,7 +35,7 @@ MONTH_TTL = 40 * 86400  # a month counter outlives its month by a little
 
 
 class Guard:
-    def __init__(self, res: Resources, gate: Any) -> None:
+    def __init__(self, res: Resources, gate: Gate) -> None:
         self._res = res
         self._gate = gate
         self._prefix = res.cfg.redis.key_prefix

@@ -13,7 +13,7 @@ import email.utils
 import hashlib
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import TLSSetupException
 from loguru import logger
@@ -23,8 +23,12 @@ from smtpproxy.headers import summarize
 from smtpproxy.ids import new_message_id
 from smtpproxy.ingress import admission, limits, replies
 from smtpproxy.ingress.bridge import BridgeError, Portal
+from smtpproxy.ingress.gate import Gate
 from smtpproxy.models import AccountIdentity, Submission
 from smtpproxy.store import key_for
+
+if TYPE_CHECKING:
+    from smtpproxy.delivery.directory import DirectoryHolder
 
 AuthFn = Callable[[bytes, bytes, str], Awaitable[AccountIdentity | str | None]]
 MailCheck = Callable[[AccountIdentity], Awaitable[str | None]]
@@ -43,10 +47,10 @@ class IngressHandler:
         calls: Portal,
         authenticate: AuthFn,
         max_recipients: int,
-        gate: Any = None,  # protocol.Gate: backlog and queue depth
+        gate: Gate | None = None,  # backlog and queue depth
         mail_check: MailCheck | None = None,  # Guard.mail: rate and quota counters
         check_header_from: bool = False,
-        directory: Any = None,  # DirectoryHolder: `.snapshot` is the routing snapshot
+        directory: DirectoryHolder | None = None,  # `.snapshot`: the routing snapshot
     ) -> None:
         self._commit = commit
         self._calls = calls

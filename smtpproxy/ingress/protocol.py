@@ -52,7 +52,7 @@ from loguru import logger
 from smtpproxy.devices import Device
 from smtpproxy.ingress import replies
 from smtpproxy.ingress.dataread import DataReader, Verdict
-from smtpproxy.metrics import Metrics
+from smtpproxy.ingress.gate import Gate
 from smtpproxy.models import AccountIdentity
 
 _FAST_ADDR = re.compile(
@@ -64,36 +64,6 @@ _FAST_ADDR = re.compile(
 _CHUNK = 65536
 # C0 controls and DEL, and the lone surrogates undecodable bytes become (surrogateescape)
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
-
-
-class Gate:
-    """Counters and switches shared by every session of one ingress thread (and read by
-    trio: plain ints and bools, each written by one side only)."""
-
-    def __init__(
-        self,
-        max_connections: int,
-        max_per_ip: int = 0,
-        max_session_duration: float = 0.0,
-        max_queue_depth: int = 0,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.metrics = metrics or Metrics()
-        self.max_connections = max_connections
-        self.max_per_ip = max_per_ip
-        self.max_session_duration = max_session_duration
-        self.max_queue_depth = max_queue_depth
-        self.sessions = 0
-        self.ended = 0  # sessions over since start
-        self.per_ip: dict[str, int] = {}
-        self.in_data = 0
-        self.draining = False
-        self.backlog = 0  # messages waiting for delivery, refreshed by trio
-        self.protocols: set[RelaySMTP] = set()  # live sessions, closed at shutdown
-
-    @property
-    def overloaded(self) -> bool:
-        return bool(self.max_queue_depth) and self.backlog > self.max_queue_depth
 
 
 _GROUPED = frozenset({"MAIL", "RCPT", "RSET"})  # never the last command of a group

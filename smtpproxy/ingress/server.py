@@ -30,9 +30,10 @@ from smtpproxy.errors import ConfigError, ListenError
 from smtpproxy.ingress import bridge, tls
 from smtpproxy.ingress.auth import Authenticator
 from smtpproxy.ingress.commit import Committer
+from smtpproxy.ingress.gate import Gate
 from smtpproxy.ingress.guard import Guard
 from smtpproxy.ingress.handler import IngressHandler
-from smtpproxy.ingress.protocol import Gate, RelaySMTP
+from smtpproxy.ingress.protocol import RelaySMTP
 from smtpproxy.resources import Resources
 
 # aiosmtpd logs every command at INFO on "mail.log": far too costly and too chatty

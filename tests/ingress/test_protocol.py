@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from smtpproxy.ingress.protocol import Gate, RelaySMTP
+from smtpproxy.ingress.gate import Gate
+from smtpproxy.ingress.protocol import RelaySMTP
 from smtpproxy.models import AccountIdentity
 
 LIMIT = 4096
