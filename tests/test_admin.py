@@ -27,9 +27,11 @@ import pytest
 import trio
 from cryptography.fernet import Fernet
 
-from smtpproxy import admin, admin_devices
+from smtpproxy import admin
+from smtpproxy.admin import devices as admin_devices
 from smtpproxy.crypto import SecretBox
 from smtpproxy.ids import new_message_id
+from smtpproxy.models import LIVE
 from smtpproxy.passwords import hash_password, verify_password
 from smtpproxy.store.base import key_for
 from tests.conftest import Service
@@ -191,7 +193,7 @@ def add_message(
     """A message row as ingress and delivery leave it, with one delivery log per attempt."""
     a = admin.account(conn, username)
     mid = new_message_id()
-    final = status not in admin.LIVE_STATUSES
+    final = status not in LIVE
     conn.execute(
         "INSERT INTO messages (id, tenant_id, account_id, mail_from, rcpt_to, subject, size,"
         " sha256, storage_key, client_ip, status, attempts, provider_name, finished_at)"

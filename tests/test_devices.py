@@ -18,7 +18,8 @@ import pytest
 import trio
 from loguru import logger
 
-from smtpproxy import admin, admin_devices, devices
+from smtpproxy import admin, devices
+from smtpproxy.admin import devices as admin_devices
 from smtpproxy.config import merge, structure
 from smtpproxy.devices import Device, DeviceTable
 from smtpproxy.errors import ConfigError

@@ -23,10 +23,10 @@ import psycopg
 from psycopg.rows import dict_row
 
 from smtpproxy import admin, audit, devices
+from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import ConflictError, NotFoundError, UsageError
 
-Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
 
 DEVICE = "device"
@@ -38,7 +38,7 @@ def _view(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in _VIEW}
 
 
-def _changed(conn: Conn, action: str, name: str, **values: Mapping[str, Any] | None) -> None:
+def changed(conn: Conn, action: str, name: str, **values: Mapping[str, Any] | None) -> None:
     audit.record(conn, action, name, **values)
     conn.execute(Q.notify_config, (DEVICE,))
 
@@ -108,7 +108,7 @@ def add_device(conn: Conn, name: str, network: str, username: str, note: str = "
             "enabled": True,
             "note": note,
         }
-        _changed(conn, "device.add", name, after=view)
+        changed(conn, "device.add", name, after=view)
     return {"id": int(str(row[0])), **view}
 
 
@@ -121,7 +121,7 @@ def set_device_enabled(conn: Conn, name: str, enabled: bool) -> bool:
         conn.execute(Q.device_set_enabled, (enabled, d["id"]))
         before = _view(d)
         action = "device.enable" if enabled else "device.disable"
-        _changed(conn, action, name, before=before, after={**before, "enabled": enabled})
+        changed(conn, action, name, before=before, after={**before, "enabled": enabled})
     return True
 
 
@@ -130,5 +130,5 @@ def remove_device(conn: Conn, name: str) -> Row:
     with conn.transaction():
         d = device(conn, name, lock=True)
         conn.execute(Q.device_delete, (d["id"],))
-        _changed(conn, "device.remove", name, before=_view(d))
+        changed(conn, "device.remove", name, before=_view(d))
     return d

@@ -38,7 +38,7 @@ def add(
 
     Example: [bold]smtpproxy device add printer-2f --network 192.0.2.40/32 --account scans[/bold]
     """
-    from smtpproxy import admin_devices
+    from smtpproxy.admin import devices as admin_devices
 
     with admin_database(ctx, "add devices", "operator") as conn:
         view = admin_devices.add_device(conn, name, network, account, note)
@@ -56,7 +56,7 @@ def list_(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
     Example: [bold]smtpproxy device list --json[/bold]
     """
-    from smtpproxy import admin_devices
+    from smtpproxy.admin import devices as admin_devices
 
     with admin_database(ctx, "list devices", "viewer") as conn:
         rows = admin_devices.list_devices(conn)
@@ -64,7 +64,7 @@ def list_(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
 
 def _set_enabled(ctx: typer.Context, name: str, enabled: bool, as_json: bool) -> None:
-    from smtpproxy import admin_devices
+    from smtpproxy.admin import devices as admin_devices
 
     verb = "enable" if enabled else "disable"
     with admin_database(ctx, f"{verb} devices", "operator") as conn:
@@ -105,7 +105,7 @@ def remove(ctx: typer.Context, name: str = NameArgument, as_json: bool = JsonOpt
 
     Example: [bold]smtpproxy device remove printer-2f[/bold]
     """
-    from smtpproxy import admin_devices
+    from smtpproxy.admin import devices as admin_devices
 
     with admin_database(ctx, "remove devices", "operator") as conn:
         d = admin_devices.remove_device(conn, name)
