@@ -35,7 +35,7 @@ bench-relay *args:
 bench-m365 *args:
     uv run python -m tests.bench.m365 "$@"
 
-# every ingest figure the README quotes, one after another (about 25 minutes: each run
+# every ingest figure docs/performance.md quotes, one after another (about 25 minutes: each run
 # that writes files waits 5 minutes after the previous one deleted its own, see
 # tests/bench/targets.py; run it on an otherwise idle machine; the Postfix runs need the
 # postfix package and root)
