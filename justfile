@@ -48,6 +48,10 @@ bench-report:
     uv run python -m tests.bench.ingest --idle 1000
     uv run python -m tests.bench.ingest --idle 1000 --tls
 
+# regenerate docs/reference/ (CLI and provider settings) from the code
+docs-gen:
+    uv run python -m tests.docs.gen
+
 # what CI runs
 ci:
     .ci/run
