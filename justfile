@@ -48,6 +48,10 @@ bench-report:
     uv run python -m tests.bench.ingest --idle 1000
     uv run python -m tests.bench.ingest --idle 1000 --tls
 
+# serve docs/ with mkdocs-material at http://127.0.0.1:8000 (the pages also read as they are)
+docs *args:
+    uvx --with mkdocs-material mkdocs serve "$@"
+
 # regenerate docs/reference/ (CLI and provider settings) from the code
 docs-gen:
     uv run python -m tests.docs.gen
