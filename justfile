@@ -35,7 +35,7 @@ bench-relay *args:
 bench-m365 *args:
     uv run python -m tests.bench.m365 "$@"
 
-# every ingest figure the README quotes, one after another (about 25 minutes: each run
+# every ingest figure docs/performance.md quotes, one after another (about 25 minutes: each run
 # that writes files waits 5 minutes after the previous one deleted its own, see
 # tests/bench/targets.py; run it on an otherwise idle machine; the Postfix runs need the
 # postfix package and root)
@@ -47,6 +47,14 @@ bench-report:
     uv run python -m tests.bench.ingest --at-rest --new-connection --tls --messages 4000
     uv run python -m tests.bench.ingest --idle 1000
     uv run python -m tests.bench.ingest --idle 1000 --tls
+
+# serve docs/ with mkdocs-material at http://127.0.0.1:8000 (the pages also read as they are)
+docs *args:
+    uvx --with mkdocs-material mkdocs serve "$@"
+
+# regenerate docs/reference/ (CLI and provider settings) from the code
+docs-gen:
+    uv run python -m tests.docs.gen
 
 # what CI runs
 ci:
