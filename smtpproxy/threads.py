@@ -1,7 +1,7 @@
 """Running blocking library calls from trio.
 
 psycopg (sync pool), redis-py (sync) and boto3 are called in worker threads, each
-library behind its own CapacityLimiter (ARCHITECTURE.md, "Blocking clients run in
+library behind its own CapacityLimiter (docs/architecture.md, "Blocking clients run in
 threads"). A thread call that trio cancels keeps running to completion: callers must
 tolerate the work happening anyway (the checker reconciles orphans).
 """

@@ -1,6 +1,6 @@
 """The PostgreSQL adapter: a psycopg-pool of sync connections used from worker threads.
 
-ARCHITECTURE.md measured psycopg's async API under trio as unusable without asyncio;
+docs/architecture.md measured psycopg's async API under trio as unusable without asyncio;
 sync connections in threads, one hop per unit of work (a whole batch at ingress), are
 what we use. Every psycopg/pool connection failure leaves this module as
 DatabaseUnavailable; programming errors (bad SQL) are left to crash loudly.

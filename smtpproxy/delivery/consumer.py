@@ -1,7 +1,7 @@
 """Delivery consumers: read message ids from the tenants' streams, claim, deliver, ack,
 a batch at a time.
 
-Per read (ARCHITECTURE.md invariant 4, and group commit as at ingress):
+Per read (docs/architecture.md invariant 4, and group commit as at ingress):
 1. claim every entry's message in one statement (compare-and-set to `sending`); an
    entry whose message is final, in flight elsewhere or not yet due, or has no row, is
    acknowledged with the next batch of outcomes;

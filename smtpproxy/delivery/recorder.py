@@ -11,7 +11,7 @@ in this order:
    split children to their streams, add dead letters;
 3. log a line per outcome, count it for /metrics, and let the waiting tasks go.
 
-An entry is acknowledged only after its outcome is committed (ARCHITECTURE.md,
+An entry is acknowledged only after its outcome is committed (docs/architecture.md,
 invariant 4). While PostgreSQL is unreachable the batch is retried and the claims are
 kept (the consumer's heartbeat, in Redis, keeps anyone from taking them over); a claim
 lost meanwhile records nothing. A Redis failure leaves the entries pending: they are

@@ -2,7 +2,7 @@
 
 The asyncio side queues jobs and hands them to trio once per loop iteration
 (TrioToken.run_sync_soon), however many sessions submitted one meanwhile; trio answers
-whole batches with one loop.call_soon_threadsafe. ARCHITECTURE.md measured this batched
+whole batches with one loop.call_soon_threadsafe. docs/architecture.md measured this batched
 crossing as what lets one process reach ~1,700 durable msgs/s.
 
 Nothing here knows about SMTP: a job is a payload and an asyncio future.

@@ -1,7 +1,7 @@
 """The DATA phase as a sans-I/O parser: bytes in, one verdict out.
 
 aiosmtpd reads DATA one line at a time, which is where stock aiosmtpd spends most of its
-CPU (ARCHITECTURE.md). This reader takes whole chunks and finds the end of data with
+CPU (docs/architecture.md). This reader takes whole chunks and finds the end of data with
 bytes.find. It enforces, in one pass:
 
 * the end-of-data sequence <CRLF>.<CRLF> (an empty body too, via a virtual leading CRLF);

@@ -2,7 +2,7 @@
 
 A write is atomic and durable: a temp file in the target directory, renamed into place,
 made durable for a whole batch at once with syncfs(2) (or per file with fsync, file and
-directory, when storage.sync = "fsync"). ARCHITECTURE.md measured the batch sync at
+directory, when storage.sync = "fsync"). docs/architecture.md measured the batch sync at
 7-19k files/s against ~2k for per-file fsync. Files are created 0640.
 """
 

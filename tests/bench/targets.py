@@ -21,9 +21,10 @@ import psycopg
 import redis
 
 # ext4 skips recently deleted inodes when it allocates new ones, for up to 5 minutes
-# after the deletion (spike/REPORT.md, Q3): straight after a run removed its 20,000
-# files, the next run's file creations cost several times more and ingest measured
-# ~15% lower (1,231 against 1,429 msgs/s at rest). Each target notes when it cleaned up.
+# after the deletion (docs/performance.md, "ext4 after deletions"): straight after a
+# run removed its 20,000 files, the next run's file creations cost several times more
+# and ingest measured ~15% lower (1,231 against 1,429 msgs/s at rest). Each target
+# notes when it cleaned up.
 LAST_CLEANUP = Path("/var/tmp/smtpproxy-bench-last-cleanup")
 FS_SETTLE_SECONDS = 300
 
