@@ -8,7 +8,7 @@ from redis import Redis
 
 from smtpproxy import embedded
 from smtpproxy.config import Config
-from smtpproxy.crypto import SecretBox
+from smtpproxy.config.crypto import SecretBox
 from smtpproxy.db.pool import Database
 from smtpproxy.metrics import Metrics
 from smtpproxy.queue.streams import Streams, connect

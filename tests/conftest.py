@@ -23,8 +23,8 @@ import trio
 
 from smtpproxy import admin
 from smtpproxy.config import Config, structure
+from smtpproxy.config.passwords import hash_password
 from smtpproxy.db import migrate
-from smtpproxy.passwords import hash_password
 from smtpproxy.resources import Resources, open_resources
 from smtpproxy.service import Running
 from tests.support import serving

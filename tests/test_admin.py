@@ -29,10 +29,10 @@ from cryptography.fernet import Fernet
 
 from smtpproxy import admin
 from smtpproxy.admin import devices as admin_devices
-from smtpproxy.crypto import SecretBox
+from smtpproxy.config.crypto import SecretBox
+from smtpproxy.config.passwords import hash_password, verify_password
 from smtpproxy.ids import new_message_id
 from smtpproxy.models import LIVE
-from smtpproxy.passwords import hash_password, verify_password
 from smtpproxy.store.base import key_for
 from tests.conftest import Service
 from tests.support import smtp

@@ -21,9 +21,9 @@ import pytest
 from cryptography.fernet import Fernet
 
 from smtpproxy import admin
-from smtpproxy.crypto import SecretBox
+from smtpproxy.config.crypto import SecretBox
+from smtpproxy.config.passwords import hash_password, verify_password
 from smtpproxy.db import migrate
-from smtpproxy.passwords import hash_password, verify_password
 from tests.support.cli import Cli, as_json, config_settings, fails, ok, run_cli
 from tests.support.process import write_config
 

@@ -11,7 +11,7 @@ import trio
 from cryptography.fernet import Fernet
 
 from smtpproxy import admin
-from smtpproxy.crypto import SecretBox
+from smtpproxy.config.crypto import SecretBox
 from smtpproxy.delivery.breaker import Breaker, Throttle, next_limit
 from smtpproxy.service import Running
 from tests.conftest import make_config

@@ -29,7 +29,7 @@ import trio
 from cryptography.fernet import Fernet
 
 from smtpproxy import admin
-from smtpproxy.crypto import SecretBox
+from smtpproxy.config.crypto import SecretBox
 from smtpproxy.service import Running
 from tests.conftest import make_config
 from tests.support import serving, smtp

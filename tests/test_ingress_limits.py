@@ -23,8 +23,8 @@ from cryptography import x509
 from loguru import logger
 
 from smtpproxy import admin
+from smtpproxy.config.passwords import hash_password
 from smtpproxy.ingress.tls import generate_self_signed
-from smtpproxy.passwords import hash_password
 from smtpproxy.service import Running
 from tests.conftest import PASSWORD, make_config
 from tests.support import serving, smtp

@@ -22,8 +22,8 @@ import trio
 from cryptography.fernet import Fernet
 
 from smtpproxy import admin
+from smtpproxy.config.passwords import hash_password
 from smtpproxy.delivery.pacing import PACED
-from smtpproxy.passwords import hash_password
 from smtpproxy.service import Running
 from tests.conftest import make_config
 from tests.support import serving, smtp

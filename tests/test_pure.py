@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from smtpproxy import ids, passwords
+from smtpproxy import ids
+from smtpproxy.config import passwords
 from smtpproxy.delivery import mime
 from smtpproxy.delivery.retry import Decision, RetryPolicy, decide
 from smtpproxy.delivery.routing import RouteGroup, Rule, route, sort_rules

@@ -56,7 +56,7 @@ def add(
     Example: [bold]smtpproxy account add app1 --tenant acme --allow-domain acme.com[/bold]
     """
     from smtpproxy import admin
-    from smtpproxy.passwords import generate_password, hash_password
+    from smtpproxy.config.passwords import generate_password, hash_password
 
     generated = not password_stdin
     password = generate_password() if generated else read_secret("Password")
@@ -159,7 +159,7 @@ def passwd(
     Example: [bold]printf '%s\\n' "$PW" | smtpproxy account passwd app1 --password-stdin[/bold]
     """
     from smtpproxy import admin
-    from smtpproxy.passwords import generate_password, hash_password
+    from smtpproxy.config.passwords import generate_password, hash_password
 
     generated = not password_stdin
     password = generate_password() if generated else read_secret("Password")

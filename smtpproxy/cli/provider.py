@@ -66,7 +66,7 @@ def add(
     [bold]smtpproxy provider add sg -t acme --type sendgrid --secret-stdin < key.txt[/bold]
     """
     from smtpproxy import admin
-    from smtpproxy.crypto import SecretBox
+    from smtpproxy.config.crypto import SecretBox
 
     secret = read_secret("Secret") if secret_stdin else None
     box = SecretBox.from_config(config(ctx))
@@ -156,7 +156,7 @@ def update(
     [bold]smtpproxy provider update sg -t acme --set region=eu --unset timeout[/bold]
     """
     from smtpproxy import admin
-    from smtpproxy.crypto import SecretBox
+    from smtpproxy.config.crypto import SecretBox
 
     secret = read_secret("Secret") if secret_stdin else None
     encrypt = SecretBox.from_config(config(ctx)).encrypt if secret is not None else None
@@ -336,7 +336,7 @@ def test_command(
 
     from smtpproxy import admin
     from smtpproxy.audit import MASK
-    from smtpproxy.crypto import SecretBox
+    from smtpproxy.config.crypto import SecretBox
     from smtpproxy.delivery import providers
     from smtpproxy.ids import new_message_id
     from smtpproxy.models import OutcomeKind

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
     @app.command("gen-secret-key")
     def gen_secret_key() -> None:
         """Print a new key for security.secret_key (encrypts provider secrets at rest)."""
-        from smtpproxy.crypto import generate_key
+        from smtpproxy.config.crypto import generate_key
 
         print(generate_key())
 

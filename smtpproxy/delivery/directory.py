@@ -20,7 +20,7 @@ from psycopg.rows import dict_row
 
 from smtpproxy import devices
 from smtpproxy.config import Config
-from smtpproxy.crypto import SecretBox
+from smtpproxy.config.crypto import SecretBox
 from smtpproxy.db.queries import Q
 from smtpproxy.delivery import providers
 from smtpproxy.delivery.routing import Rule

@@ -35,6 +35,7 @@ import trio
 from loguru import logger
 from psycopg.rows import dict_row
 
+from smtpproxy.config.passwords import hash_password, verify_password
 from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable
@@ -42,7 +43,6 @@ from smtpproxy.ingress import replies
 from smtpproxy.ingress.failures import Counts, SharedFailures
 from smtpproxy.ingress.limits import TOO_MANY_FAILURES, FailureTracker, ip_allowed
 from smtpproxy.models import AccountIdentity
-from smtpproxy.passwords import hash_password, verify_password
 from smtpproxy.resources import Resources
 
 if TYPE_CHECKING:

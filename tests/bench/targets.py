@@ -97,8 +97,8 @@ class SmtpProxyInstance:
         settings: dict[str, Any] | None = None,
     ) -> None:
         from smtpproxy import admin
+        from smtpproxy.config.passwords import hash_password
         from smtpproxy.db import migrate
-        from smtpproxy.passwords import hash_password
 
         tag = secrets.token_hex(4)
         self.admin_url = admin_url

@@ -4,6 +4,10 @@ Owns the shape of every setting, its default, the file lookup order, environment
 overrides, and error messages that name the key path (``smtp.listen[0]: expected
 host:port``). It must not open sockets, files other than the config file, or start
 anything: callers turn a Config into resources.
+
+The package also holds the secrets an operator configures, as they are kept at rest:
+provider secrets encrypted with the configured key (crypto.py) and account passwords
+as scrypt hashes (passwords.py).
 """
 
 from __future__ import annotations
