@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from smtpproxy.domains import is_qualified_mailbox
 from smtpproxy.ingress.limits import FailureTracker, ip_allowed
+from smtpproxy.mail.domains import is_qualified_mailbox
 
 
 def tracker() -> FailureTracker:

@@ -15,10 +15,10 @@ from smtpproxy.config import passwords
 from smtpproxy.delivery import mime
 from smtpproxy.delivery.retry import Decision, RetryPolicy, decide
 from smtpproxy.delivery.routing import RouteGroup, Rule, route, sort_rules
-from smtpproxy.domains import GlobError, any_matches, domain_matches, domain_of, validate_glob
-from smtpproxy.headers import summarize
 from smtpproxy.ingress import replies
 from smtpproxy.ingress.replies import with_enhanced_code
+from smtpproxy.mail.domains import GlobError, any_matches, domain_matches, domain_of, validate_glob
+from smtpproxy.mail.headers import summarize
 from smtpproxy.models import FINAL, TRANSITIONS, HeaderSummary, Outcome, Status, may_transition
 
 # -- ids -------------------------------------------------------------------------------

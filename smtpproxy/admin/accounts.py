@@ -25,9 +25,9 @@ from smtpproxy.admin.tenants import (
 )
 from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
-from smtpproxy.domains import GlobError, validate_glob
 from smtpproxy.errors import ConflictError, NotFoundError, UsageError
 from smtpproxy.ingress.limits import Rate
+from smtpproxy.mail.domains import GlobError, validate_glob
 
 
 def _account_view(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,8 +26,8 @@ from smtpproxy.admin.tenants import (
 )
 from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
-from smtpproxy.domains import GlobError, validate_glob
 from smtpproxy.errors import NotFoundError, UsageError
+from smtpproxy.mail.domains import GlobError, validate_glob
 
 
 def _route_target(row: Mapping[str, Any]) -> str:

@@ -48,7 +48,7 @@ from smtpproxy.delivery.recorder import Recorder
 from smtpproxy.delivery.records import Claimed
 from smtpproxy.delivery.retry import RetryPolicy
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
-from smtpproxy.headers import summarize
+from smtpproxy.mail.headers import summarize
 from smtpproxy.queue.liveness import ConsumerRegistry, LiveConsumers
 from smtpproxy.queue.streams import Entry, Streams
 from smtpproxy.resources import Resources

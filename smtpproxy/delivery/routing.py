@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from smtpproxy.domains import domain_matches, domain_of
+from smtpproxy.mail.domains import domain_matches, domain_of
 
 
 @attrs.frozen

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import TLSSetupException
 from loguru import logger
 
-from smtpproxy.domains import any_matches, domain_of, is_qualified_mailbox
-from smtpproxy.headers import summarize
 from smtpproxy.ids import new_message_id
 from smtpproxy.ingress import admission, limits, replies
 from smtpproxy.ingress.bridge import BridgeError, Portal
 from smtpproxy.ingress.gate import Gate
+from smtpproxy.mail.domains import any_matches, domain_of, is_qualified_mailbox
+from smtpproxy.mail.headers import summarize
 from smtpproxy.models import AccountIdentity, Submission
 from smtpproxy.store import key_for
 

@@ -68,7 +68,7 @@ from smtpproxy.delivery.providers.graphmime import (
     build_request,
     prepare_mime,
 )
-from smtpproxy.domains import domain_of
+from smtpproxy.mail.domains import domain_of
 from smtpproxy.models import Outcome, OutcomeKind
 
 __all__ = [  # what tests and the registry read here
