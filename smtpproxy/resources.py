@@ -10,7 +10,7 @@ from smtpproxy import embedded
 from smtpproxy.config import Config
 from smtpproxy.config.crypto import SecretBox
 from smtpproxy.db.pool import Database
-from smtpproxy.metrics import Metrics
+from smtpproxy.observe.metrics import Metrics
 from smtpproxy.queue.streams import Streams, connect
 from smtpproxy.store import MessageStore, open_store
 from smtpproxy.threads import Offload

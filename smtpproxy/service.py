@@ -27,12 +27,12 @@ from smtpproxy.delivery.directory import DirectoryHolder
 from smtpproxy.delivery.retry import RetryPolicy
 from smtpproxy.delivery.scheduler import run_checker, run_reconciler, run_scheduler
 from smtpproxy.errors import DatabaseUnavailable
-from smtpproxy.health import HealthState, run_health
 from smtpproxy.ingress.gate import Gate
 from smtpproxy.ingress.server import run_ingress
+from smtpproxy.observe.health import HealthState, run_health
+from smtpproxy.observe.scrape import Scraper
 from smtpproxy.reload import run_reload
 from smtpproxy.resources import Resources, open_resources
-from smtpproxy.scrape import Scraper
 from smtpproxy.supervise import Backoff, supervise
 from smtpproxy.workers import Role, Workers, follow_primary, report_ready
 

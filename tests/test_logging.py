@@ -2,7 +2,7 @@
 Logs (against moto in server mode), several at once, the LOG_* environment names, and
 secrets masked in every output.
 
-Each test configures the process-wide loguru logger through smtpproxy.logsetup and
+Each test configures the process-wide loguru logger through smtpproxy.observe.logsetup and
 leaves it as loguru starts (one stderr sink) afterwards.
 """
 
@@ -24,8 +24,10 @@ import trio
 from cryptography.fernet import Fernet
 from loguru import logger
 
-from smtpproxy import logsetup
-from smtpproxy.cloudwatch import (
+from smtpproxy.config import Config, load_config, structure
+from smtpproxy.errors import ConfigError
+from smtpproxy.observe import logsetup
+from smtpproxy.observe.cloudwatch import (
     EVENT_OVERHEAD,
     MAX_BATCH_BYTES,
     MAX_BATCH_EVENTS,
@@ -35,8 +37,6 @@ from smtpproxy.cloudwatch import (
     CloudWatchStats,
     make_client,
 )
-from smtpproxy.config import Config, load_config, structure
-from smtpproxy.errors import ConfigError
 from tests.support.cwlogs import CallLog, MotoLogs, dummy_aws_environment
 from tests.support.net import closed_port_url
 from tests.support.process import SmtpProxyProcess, write_config

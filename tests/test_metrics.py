@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from smtpproxy import metrics, scrape
-from smtpproxy.metrics import Counter, Histogram, Metrics
+from smtpproxy.observe import metrics, scrape
+from smtpproxy.observe.metrics import Counter, Histogram, Metrics
 
 
 def parse(text: bytes) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

@@ -76,7 +76,7 @@ app.add_typer(dlq.app, name="dlq", help="Dead letters: list, replay, purge.")
 
 
 def main() -> None:
-    from smtpproxy import logsetup
+    from smtpproxy.observe import logsetup
 
     logsetup.configure_cli()  # `run` replaces this with the configured outputs
     try:

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         import trio
         from loguru import logger
 
-        from smtpproxy import logsetup, memory
+        from smtpproxy import memory
+        from smtpproxy.observe import logsetup
         from smtpproxy.service import run_until_signalled
         from smtpproxy.workers import Role, process_config
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from smtpproxy.metrics import Metrics
+from smtpproxy.observe.metrics import Metrics
 
 if TYPE_CHECKING:
     from smtpproxy.ingress.protocol import RelaySMTP

@@ -3,7 +3,7 @@
 Outputs (``log.output``, several at once): ``stdout`` (JSON lines; readable lines when
 stdout is a terminal), ``file`` (JSON lines at ``log.file_path``, rotated at
 ``log.max_size_mb``, ``log.max_files`` files kept in all) and ``cloudwatch`` (batched
-PutLogEvents from a background thread, see smtpproxy.cloudwatch).
+PutLogEvents from a background thread, see smtpproxy.observe.cloudwatch).
 
 Every record carries what was bound to it (message_id, tenant_id, account_id, ...).
 Nothing logged may contain a message body, a password or a provider secret: callers
@@ -34,7 +34,7 @@ from smtpproxy.config import Config
 from smtpproxy.errors import ConfigError
 
 if TYPE_CHECKING:
-    from smtpproxy.cloudwatch import CloudWatchSink, CloudWatchStats
+    from smtpproxy.observe.cloudwatch import CloudWatchSink, CloudWatchStats
 
 MASK = "********"
 MAX_MESSAGE_CHARS = 16 * 1024  # longer messages are cut: a body never fits in a log line
@@ -202,7 +202,7 @@ def _cloudwatch_sink(cfg: Config) -> CloudWatchSink:
     # boto3 is imported only when this output is used: it costs every CLI command ~0.5 s
     import botocore.exceptions
 
-    from smtpproxy.cloudwatch import CloudWatchSink, make_client
+    from smtpproxy.observe.cloudwatch import CloudWatchSink, make_client
 
     log = cfg.log
     if log.cw_buffer_events < 1:

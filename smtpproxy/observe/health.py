@@ -20,7 +20,7 @@ import trio
 from loguru import logger
 
 from smtpproxy.config import HostPort
-from smtpproxy.metrics import CONTENT_TYPE
+from smtpproxy.observe.metrics import CONTENT_TYPE
 
 Check = Callable[[], Awaitable[None]]
 Render = Callable[[], Awaitable[bytes]]

@@ -16,12 +16,12 @@ import attrs
 import trio
 from psycopg.rows import dict_row
 
-from smtpproxy import logsetup, metrics
 from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.delivery.breaker import ProviderHealth
 from smtpproxy.ingress.gate import Gate
 from smtpproxy.models import DEAD, LIVE, values
+from smtpproxy.observe import logsetup, metrics
 from smtpproxy.resources import Resources
 
 CACHE_SECONDS = 5.0
