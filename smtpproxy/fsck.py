@@ -39,7 +39,7 @@ from smtpproxy.db.queries import Q
 from smtpproxy.errors import BodyNotFound, QueueUnavailable, UsageError
 from smtpproxy.models import Status
 from smtpproxy.queue.streams import dead_letter_fields
-from smtpproxy.resources import Resources
+from smtpproxy.runtime.resources import Resources
 
 PAGE = 1000
 EXAMPLES = 20

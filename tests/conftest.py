@@ -25,8 +25,8 @@ from smtpproxy import admin
 from smtpproxy.config import Config, structure
 from smtpproxy.config.passwords import hash_password
 from smtpproxy.db import migrate
-from smtpproxy.resources import Resources, open_resources
-from smtpproxy.service import Running
+from smtpproxy.runtime.resources import Resources, open_resources
+from smtpproxy.runtime.service import Running
 from tests.support import serving
 
 RUN_ID = secrets.token_hex(4)

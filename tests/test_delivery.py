@@ -14,8 +14,8 @@ import trio
 from smtpproxy import admin, fsck
 from smtpproxy.config import Config
 from smtpproxy.queue.liveness import ConsumerRegistry
-from smtpproxy.resources import open_resources
-from smtpproxy.service import Running
+from smtpproxy.runtime.resources import open_resources
+from smtpproxy.runtime.service import Running
 from smtpproxy.store import key_for
 from tests.conftest import make_config
 from tests.support import smtp

@@ -24,7 +24,7 @@ from smtpproxy.config import merge, structure
 from smtpproxy.devices import Device, DeviceTable
 from smtpproxy.errors import ConfigError
 from smtpproxy.models import AccountIdentity
-from smtpproxy.service import Running
+from smtpproxy.runtime.service import Running
 from tests.conftest import PASSWORD, make_config
 from tests.support import serving, smtp
 from tests.support.serving import add_file_provider, wait_status

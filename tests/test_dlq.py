@@ -16,7 +16,7 @@ from smtpproxy import admin
 from smtpproxy.delivery.records import Claimed
 from smtpproxy.delivery.retry import RetryPolicy, decide
 from smtpproxy.models import Outcome, Status
-from smtpproxy.service import Running
+from smtpproxy.runtime.service import Running
 from tests.conftest import make_config
 from tests.support import serving, smtp
 from tests.support.cli import as_json, fails, run_cli

@@ -13,7 +13,7 @@ from cryptography.fernet import Fernet
 from smtpproxy import admin
 from smtpproxy.config.crypto import SecretBox
 from smtpproxy.delivery.breaker import Breaker, Throttle, next_limit
-from smtpproxy.service import Running
+from smtpproxy.runtime.service import Running
 from tests.conftest import make_config
 from tests.support import serving, smtp
 from tests.support.fake_sendgrid import FakeSendGrid

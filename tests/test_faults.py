@@ -30,7 +30,7 @@ from cryptography.fernet import Fernet
 
 from smtpproxy import admin
 from smtpproxy.config.crypto import SecretBox
-from smtpproxy.service import Running
+from smtpproxy.runtime.service import Running
 from tests.conftest import make_config
 from tests.support import serving, smtp
 from tests.support.fake_sendgrid import FakeSendGrid

@@ -36,8 +36,8 @@ from smtpproxy.config import Config
 from smtpproxy.errors import DatabaseUnavailable
 from smtpproxy.fsck import AlreadyRunning, Checker, CheckResult, Options
 from smtpproxy.ids import new_message_id
-from smtpproxy.resources import Resources, open_resources
-from smtpproxy.service import serve
+from smtpproxy.runtime.resources import Resources, open_resources
+from smtpproxy.runtime.service import serve
 from smtpproxy.store import key_for
 from tests.conftest import make_config
 from tests.support import cli, smtp

@@ -198,7 +198,7 @@ async def test_queue_unavailable_means_451_and_nothing_delivered(
 ) -> None:
     """When Redis cannot take the id after the retries, the client gets 451 and the row
     is enqueue_failed with its body removed."""
-    from smtpproxy.service import serve
+    from smtpproxy.runtime.service import serve
     from tests.conftest import make_config
 
     cfg = make_config(

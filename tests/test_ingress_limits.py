@@ -25,7 +25,7 @@ from loguru import logger
 from smtpproxy import admin
 from smtpproxy.config.passwords import hash_password
 from smtpproxy.ingress.tls import generate_self_signed
-from smtpproxy.service import Running
+from smtpproxy.runtime.service import Running
 from tests.conftest import PASSWORD, make_config
 from tests.support import serving, smtp
 from tests.support.faults import RedisProcess

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import trio
 
-from smtpproxy.service import Running
+from smtpproxy.runtime.service import Running
 from tests.conftest import make_config
 from tests.support import smtp
 from tests.support.faults import TcpProxy

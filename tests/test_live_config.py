@@ -67,7 +67,7 @@ async def test_too_big_for_the_routed_provider_is_refused_at_smtp_time(
 ) -> None:
     """A message over the routed provider's size limit gets 552 5.3.4 (at RCPT when SIZE=
     was declared, else after DATA) and is not stored; mail for other routes is fine."""
-    from smtpproxy.service import serve
+    from smtpproxy.runtime.service import serve
 
     add_file_provider(conn, "small", tmp_path / "small", max_message_bytes=2000)
     add_file_provider(conn, "big", tmp_path / "big")

@@ -24,7 +24,7 @@ from cryptography.fernet import Fernet
 from smtpproxy import admin
 from smtpproxy.config.passwords import hash_password
 from smtpproxy.delivery.pacing import PACED
-from smtpproxy.service import Running
+from smtpproxy.runtime.service import Running
 from tests.conftest import make_config
 from tests.support import serving, smtp
 from tests.support.cli import config_settings, run_cli

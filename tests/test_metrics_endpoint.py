@@ -10,7 +10,7 @@ from typing import Any
 import trio
 
 from smtpproxy.config import Config
-from smtpproxy.service import Running, serve
+from smtpproxy.runtime.service import Running, serve
 from tests.conftest import make_config
 from tests.support import smtp
 from tests.support.serving import wait_status

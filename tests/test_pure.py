@@ -703,7 +703,7 @@ def test_simple_address_lists_read_as_the_full_parser_reads_them(value: str) -> 
 
 
 def test_backoff_doubles_to_its_ceiling_and_starts_again_after_a_healthy_run() -> None:
-    from smtpproxy.supervise import HEALTHY_AFTER, Backoff
+    from smtpproxy.runtime.supervise import HEALTHY_AFTER, Backoff
 
     backoff = Backoff(0.5, 3.0)
     assert [backoff.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]

@@ -23,7 +23,7 @@ import trio
 
 from smtpproxy.config import Config
 from smtpproxy.ingress.tls import server_context
-from smtpproxy.service import serve
+from smtpproxy.runtime.service import serve
 from smtpproxy.smtpclient import (
     Outcome,
     attachment_type,

@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from smtpproxy.config import Config
-from smtpproxy.supervise import supervise
+from smtpproxy.runtime.supervise import supervise
 from tests.conftest import Service
 from tests.support import smtp
 from tests.support.serving import get_json

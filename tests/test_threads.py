@@ -7,7 +7,7 @@ import threading
 import pytest
 import trio
 
-from smtpproxy.threads import DeadlinePassed, Offload
+from smtpproxy.runtime.threads import DeadlinePassed, Offload
 
 
 async def test_a_call_in_time_returns_its_value_and_undoes_nothing() -> None:

@@ -19,11 +19,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from smtpproxy import embedded
 from smtpproxy.config import EMBEDDED, Config, load_config
 from smtpproxy.db import migrate
 from smtpproxy.db.pool import connect
 from smtpproxy.errors import UsageError
+from smtpproxy.runtime import embedded
 
 console = Console()
 

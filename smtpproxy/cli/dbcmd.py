@@ -26,8 +26,8 @@ def migrate(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
     Example: [bold]smtpproxy db migrate[/bold]
     """
-    from smtpproxy import embedded
     from smtpproxy.db import migrate as mig
+    from smtpproxy.runtime import embedded
 
     applied = mig.migrate(embedded.database_url(config(ctx)))
     names = [f"{m.version:03d}_{m.name}" for m in applied]
@@ -46,9 +46,9 @@ def status(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
     Example: [bold]smtpproxy db status[/bold]
     """
-    from smtpproxy import embedded
     from smtpproxy.db import migrate as mig
     from smtpproxy.db.pool import connect
+    from smtpproxy.runtime import embedded
 
     url = embedded.database_url(config(ctx))
     with connect(url) as conn:

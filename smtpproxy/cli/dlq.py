@@ -107,8 +107,8 @@ def _chosen(
 @contextmanager
 def _streams(cfg: Any) -> Iterator[Any]:
     """The installation's Redis streams, for one command."""
-    from smtpproxy import embedded
     from smtpproxy.queue.streams import Streams, connect
+    from smtpproxy.runtime import embedded
 
     client = connect(embedded.redis_url(cfg), socket_timeout=cfg.redis.socket_timeout)
     try:

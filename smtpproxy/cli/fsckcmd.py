@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         from smtpproxy import fsck
         from smtpproxy.config import ConfigValueError, parse_duration
         from smtpproxy.errors import ConfigError, UnavailableError, UsageError
-        from smtpproxy.resources import open_resources
+        from smtpproxy.runtime.resources import open_resources
 
         cfg = config(ctx)
         overrides: dict[str, Any] = {"repair": repair, "verify": verify}

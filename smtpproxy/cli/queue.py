@@ -60,9 +60,9 @@ def read_redis(cfg: Config) -> tuple[dict[str, Any] | None, str]:
     """Lengths and pending entries of every stream, or (None, why not)."""
     import redis
 
-    from smtpproxy import embedded
     from smtpproxy.errors import UnavailableError
     from smtpproxy.queue.streams import Streams, connect, mapped_errors
+    from smtpproxy.runtime import embedded
 
     try:
         client = connect(embedded.redis_url(cfg), socket_timeout=cfg.redis.socket_timeout)

@@ -24,14 +24,14 @@ def register(app: typer.Typer) -> None:
         import trio
         from loguru import logger
 
-        from smtpproxy import memory
         from smtpproxy.observe import logsetup
-        from smtpproxy.service import run_until_signalled
-        from smtpproxy.workers import Role, process_config
+        from smtpproxy.runtime import heap
+        from smtpproxy.runtime.service import run_until_signalled
+        from smtpproxy.runtime.workers import Role, process_config
 
         role = Role.of(os.environ)  # the primary, or a worker it started (run.processes)
         cfg = process_config(config(ctx), role)
-        memory.pin_mmap_threshold()  # before any thread starts
+        heap.pin_mmap_threshold()  # before any thread starts
         logsetup.configure(cfg)
         if cfg.run.processes > 1:  # which process wrote a line
             logger.configure(extra={"worker": role.index})

@@ -16,7 +16,7 @@ import psycopg
 import psycopg_pool
 
 from smtpproxy.errors import DatabaseUnavailable
-from smtpproxy.threads import Offload
+from smtpproxy.runtime.threads import Offload
 
 T = TypeVar("T")
 

@@ -36,7 +36,7 @@ from smtpproxy.delivery.records import Claimed, Finish, LogRow
 from smtpproxy.delivery.retry import Decision, RetryPolicy
 from smtpproxy.errors import BodyNotFound, QueueUnavailable, StoreUnavailable
 from smtpproxy.models import Outcome, OutcomeKind, Status
-from smtpproxy.resources import Resources
+from smtpproxy.runtime.resources import Resources
 from smtpproxy.store.base import StoreError
 
 if TYPE_CHECKING:

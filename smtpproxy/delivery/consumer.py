@@ -51,10 +51,10 @@ from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavail
 from smtpproxy.mail.headers import summarize
 from smtpproxy.queue.liveness import ConsumerRegistry, LiveConsumers
 from smtpproxy.queue.streams import Entry, Streams
-from smtpproxy.resources import Resources
+from smtpproxy.runtime.resources import Resources
+from smtpproxy.runtime.threads import Offload
 from smtpproxy.store import key_for
 from smtpproxy.store.base import StoreError
-from smtpproxy.threads import Offload
 
 if TYPE_CHECKING:
     from loguru import Logger

@@ -35,8 +35,8 @@ from smtpproxy.db.queries import Q
 from smtpproxy.delivery.records import Finish
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable
 from smtpproxy.queue.streams import Entry, Streams, dead_letter_fields
-from smtpproxy.resources import Resources
-from smtpproxy.supervise import Backoff
+from smtpproxy.runtime.resources import Resources
+from smtpproxy.runtime.supervise import Backoff
 
 if TYPE_CHECKING:
     from loguru import Logger

@@ -21,7 +21,7 @@ from smtpproxy import fsck
 from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
-from smtpproxy.resources import Resources
+from smtpproxy.runtime.resources import Resources
 
 BATCH = 500
 

@@ -43,7 +43,7 @@ from smtpproxy.ingress import replies
 from smtpproxy.ingress.failures import Counts, SharedFailures
 from smtpproxy.ingress.limits import TOO_MANY_FAILURES, FailureTracker, ip_allowed
 from smtpproxy.models import AccountIdentity
-from smtpproxy.resources import Resources
+from smtpproxy.runtime.resources import Resources
 
 if TYPE_CHECKING:
     from loguru import Logger

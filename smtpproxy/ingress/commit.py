@@ -39,9 +39,9 @@ from smtpproxy.db.queries import Q
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
 from smtpproxy.ingress import bridge, replies
 from smtpproxy.models import Submission
-from smtpproxy.resources import Resources
-from smtpproxy.supervise import Backoff
-from smtpproxy.threads import DeadlinePassed
+from smtpproxy.runtime.resources import Resources
+from smtpproxy.runtime.supervise import Backoff
+from smtpproxy.runtime.threads import DeadlinePassed
 
 UNDO_GRACE = 5.0  # after the deadline, time to record that a batch was refused
 

@@ -29,7 +29,7 @@ from smtpproxy.ingress import limits
 from smtpproxy.ingress.gate import Gate
 from smtpproxy.models import AccountIdentity, Submission
 from smtpproxy.queue.streams import mapped_errors as redis_errors
-from smtpproxy.resources import Resources
+from smtpproxy.runtime.resources import Resources
 
 MONTH_TTL = 40 * 86400  # a month counter outlives its month by a little
 

@@ -23,7 +23,6 @@ import trio
 import uvloop
 from loguru import logger
 
-from smtpproxy import memory
 from smtpproxy.config import HostPort
 from smtpproxy.devices import Device
 from smtpproxy.errors import ConfigError, ListenError
@@ -34,7 +33,8 @@ from smtpproxy.ingress.gate import Gate
 from smtpproxy.ingress.guard import Guard
 from smtpproxy.ingress.handler import IngressHandler
 from smtpproxy.ingress.protocol import RelaySMTP
-from smtpproxy.resources import Resources
+from smtpproxy.runtime import heap
+from smtpproxy.runtime.resources import Resources
 
 # aiosmtpd logs every command at INFO on "mail.log": far too costly and too chatty
 logging.getLogger("mail.log").setLevel(logging.WARNING)
@@ -168,12 +168,12 @@ class IngressThread:
 
 
 async def _give_back_memory(gate: Gate) -> None:
-    """After a burst of sessions, return the memory they freed (memory.AfterBursts)."""
-    policy = memory.AfterBursts()
+    """After a burst of sessions, return the memory they freed (heap.AfterBursts)."""
+    policy = heap.AfterBursts()
     while True:
         await trio.sleep(1)
         if policy.due(gate.ended, gate.sessions):
-            await trio.to_thread.run_sync(memory.trim)
+            await trio.to_thread.run_sync(heap.trim)
 
 
 async def run_ingress(

@@ -22,7 +22,7 @@ from smtpproxy.delivery.breaker import ProviderHealth
 from smtpproxy.ingress.gate import Gate
 from smtpproxy.models import DEAD, LIVE, values
 from smtpproxy.observe import logsetup, metrics
-from smtpproxy.resources import Resources
+from smtpproxy.runtime.resources import Resources
 
 CACHE_SECONDS = 5.0
 STATUSES = values(LIVE | DEAD)

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from smtpproxy.errors import BodyNotFound, StoreUnavailable
-from smtpproxy.libc import libc
+from smtpproxy.runtime.libc import libc
 from smtpproxy.store.base import QUARANTINE, StoredObject, StoreError, get_each
 
 _TMP_MARK = ".tmp-"

@@ -49,7 +49,7 @@ from smtpproxy import admin
 from smtpproxy.config import structure
 from smtpproxy.db import migrate
 from smtpproxy.fsck import Checker, CheckResult, options_from_config
-from smtpproxy.resources import Resources, open_resources
+from smtpproxy.runtime.resources import Resources, open_resources
 from smtpproxy.store import key_for
 from smtpproxy.store.local import LocalStore
 

@@ -15,7 +15,7 @@ import trio
 
 from smtpproxy import admin
 from smtpproxy.config import Config
-from smtpproxy.service import Running, serve
+from smtpproxy.runtime.service import Running, serve
 
 
 async def start(nursery: trio.Nursery, cfg: Config) -> tuple[Running, trio.Event]:

@@ -51,7 +51,7 @@ from smtpproxy.delivery.providers.base import (
     SettingInfo,
 )
 from smtpproxy.models import Outcome
-from smtpproxy.threads import Offload
+from smtpproxy.runtime.threads import Offload
 
 MAX_RECIPIENTS = 50
 MAX_MESSAGE_BYTES = 40 * 1000 * 1000

@@ -73,7 +73,7 @@ from smtpproxy.delivery.providers.base import (
     SettingInfo,
 )
 from smtpproxy.models import Outcome, OutcomeKind
-from smtpproxy.threads import Offload
+from smtpproxy.runtime.threads import Offload
 
 TlsMode = Literal["starttls", "implicit", "none"]
 TLS_MODES: tuple[TlsMode, ...] = ("starttls", "implicit", "none")

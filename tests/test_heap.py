@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from smtpproxy import memory
+from smtpproxy.runtime import heap
 
 # allocate and free a scrypt-sized block a few times, as password checks do, and print
 # how much resident memory that left behind
 _PROBE = """
 import sys
-from smtpproxy import memory
-pinned = sys.argv[1] == "pin" and memory.pin_mmap_threshold()
+from smtpproxy.runtime import heap
+pinned = sys.argv[1] == "pin" and heap.pin_mmap_threshold()
 
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
@@ -56,7 +56,7 @@ def test_without_pinning_glibc_keeps_them() -> None:
 def test_trim_after_a_burst_not_during_it() -> None:
     """A trim is due once enough sessions ended and the live ones fell to half their
     peak; not while a burst is still open, and not again until more sessions end."""
-    policy = memory.AfterBursts(min_ended=500)
+    policy = heap.AfterBursts(min_ended=500)
     assert not policy.due(ended=0, live=2000)  # the burst is open
     assert not policy.due(ended=400, live=1600)  # too few ended yet
     assert not policy.due(ended=900, live=1100)  # still above half the peak
@@ -67,4 +67,4 @@ def test_trim_after_a_burst_not_during_it() -> None:
 
 
 def test_trim_runs() -> None:
-    assert memory.trim() in (True, False)
+    assert heap.trim() in (True, False)

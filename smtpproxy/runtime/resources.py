@@ -6,14 +6,14 @@ from __future__ import annotations
 import attrs
 from redis import Redis
 
-from smtpproxy import embedded
 from smtpproxy.config import Config
 from smtpproxy.config.crypto import SecretBox
 from smtpproxy.db.pool import Database
 from smtpproxy.observe.metrics import Metrics
 from smtpproxy.queue.streams import Streams, connect
+from smtpproxy.runtime import embedded
+from smtpproxy.runtime.threads import Offload
 from smtpproxy.store import MessageStore, open_store
-from smtpproxy.threads import Offload
 
 
 @attrs.define

@@ -34,8 +34,8 @@ import trio
 from loguru import logger
 
 from smtpproxy.config import Config
-from smtpproxy.libc import libc
-from smtpproxy.supervise import Backoff
+from smtpproxy.runtime.libc import libc
+from smtpproxy.runtime.supervise import Backoff
 
 WORKER_ENV = "SMTPPROXY_WORKER"  # "<index>:<fd>:<primary pid>", set for a worker only
 READY_TIMEOUT = 120.0  # a worker that does not report ready by then is started again

@@ -20,7 +20,7 @@ import ctypes
 
 import attrs
 
-from smtpproxy.libc import libc
+from smtpproxy.runtime.libc import libc
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value

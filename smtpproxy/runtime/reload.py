@@ -19,7 +19,7 @@ from loguru import logger
 from smtpproxy.db.pool import mapped_errors
 from smtpproxy.delivery import directory
 from smtpproxy.errors import DatabaseUnavailable
-from smtpproxy.resources import Resources
+from smtpproxy.runtime.resources import Resources
 
 CHANNEL = "smtpproxy_config"
 

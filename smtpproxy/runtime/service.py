@@ -31,10 +31,10 @@ from smtpproxy.ingress.gate import Gate
 from smtpproxy.ingress.server import run_ingress
 from smtpproxy.observe.health import HealthState, run_health
 from smtpproxy.observe.scrape import Scraper
-from smtpproxy.reload import run_reload
-from smtpproxy.resources import Resources, open_resources
-from smtpproxy.supervise import Backoff, supervise
-from smtpproxy.workers import Role, Workers, follow_primary, report_ready
+from smtpproxy.runtime.reload import run_reload
+from smtpproxy.runtime.resources import Resources, open_resources
+from smtpproxy.runtime.supervise import Backoff, supervise
+from smtpproxy.runtime.workers import Role, Workers, follow_primary, report_ready
 
 PRIMARY = Role()
 
