@@ -11,8 +11,9 @@ import psycopg
 import redis
 import trio
 
-from smtpproxy import admin, fsck
+from smtpproxy import admin
 from smtpproxy.config import Config
+from smtpproxy.ops import fsck
 from smtpproxy.queue.liveness import ConsumerRegistry
 from smtpproxy.runtime.resources import open_resources
 from smtpproxy.runtime.service import Running

@@ -1,4 +1,4 @@
-"""The storage consistency checker (smtpproxy/fsck.py) and `smtpproxy fsck-storage`.
+"""The storage consistency checker (smtpproxy/ops/fsck.py) and `smtpproxy fsck-storage`.
 
 Every check runs against real PostgreSQL and Redis, and against both message stores
 (local files, and S3 through moto's server on 127.0.0.1 with dummy credentials). Rows
@@ -31,11 +31,11 @@ import trio
 from cryptography.fernet import Fernet
 from psycopg.rows import dict_row
 
-from smtpproxy import fsck
 from smtpproxy.config import Config
 from smtpproxy.errors import DatabaseUnavailable
-from smtpproxy.fsck import AlreadyRunning, Checker, CheckResult, Options
 from smtpproxy.ids import new_message_id
+from smtpproxy.ops import fsck
+from smtpproxy.ops.fsck import AlreadyRunning, Checker, CheckResult, Options
 from smtpproxy.runtime.resources import Resources, open_resources
 from smtpproxy.runtime.service import serve
 from smtpproxy.store import key_for

@@ -22,9 +22,9 @@ import psycopg
 import pytest
 import redis
 
-from smtpproxy import reports
 from smtpproxy.db import migrate
 from smtpproxy.errors import UsageError
+from smtpproxy.ops import reports
 from smtpproxy.queue.streams import Streams
 from tests.support import cli as support_cli
 from tests.support import reportdata

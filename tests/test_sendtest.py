@@ -23,8 +23,7 @@ import trio
 
 from smtpproxy.config import Config
 from smtpproxy.ingress.tls import server_context
-from smtpproxy.runtime.service import serve
-from smtpproxy.smtpclient import (
+from smtpproxy.ops.sendtest import (
     Outcome,
     attachment_type,
     build_message,
@@ -32,6 +31,7 @@ from smtpproxy.smtpclient import (
     summarize,
     wire_data,
 )
+from smtpproxy.runtime.service import serve
 from smtpproxy.store import key_for
 from tests.conftest import Service, make_config
 from tests.support.cli import Result, run_cli

@@ -53,9 +53,9 @@ def register(app: typer.Typer) -> None:
         Cron example:
         [bold]17 3 * * * smtpproxy fsck-storage --repair --json > /var/log/fsck.json[/bold]
         """
-        from smtpproxy import fsck
         from smtpproxy.config import ConfigValueError, parse_duration
         from smtpproxy.errors import ConfigError, UnavailableError, UsageError
+        from smtpproxy.ops import fsck
         from smtpproxy.runtime.resources import open_resources
 
         cfg = config(ctx)

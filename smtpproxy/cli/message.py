@@ -43,7 +43,7 @@ def show(
     from smtpproxy.cli.reports import dump_json, rows, utc_session
     from smtpproxy.db.queries import Q
     from smtpproxy.errors import NotFoundError, UsageError
-    from smtpproxy.reports import body_state, header_id, timeline
+    from smtpproxy.ops.reports import body_state, header_id, timeline
 
     wanted = ident.strip()
     with database(ctx) as conn:
@@ -92,7 +92,7 @@ def show(
 
 def _list_matches(matches: list[dict[str, Any]], as_json: bool) -> None:
     from smtpproxy.cli.reports import dump_json, print_table
-    from smtpproxy.reports import format_time
+    from smtpproxy.ops.reports import format_time
 
     shown = matches[:100]
     if as_json:
@@ -110,7 +110,7 @@ def _list_matches(matches: list[dict[str, Any]], as_json: bool) -> None:
 
 def _human(r: dict[str, Any], now: datetime) -> None:  # noqa: PLR0912 - one row per fact
     from smtpproxy.cli.reports import print_table, status_text
-    from smtpproxy.reports import format_age, format_time
+    from smtpproxy.ops.reports import format_age, format_time
 
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
@@ -171,7 +171,7 @@ def _human(r: dict[str, Any], now: datetime) -> None:  # noqa: PLR0912 - one row
 
 def _timeline(r: dict[str, Any]) -> None:
     from smtpproxy.cli.reports import print_table
-    from smtpproxy.reports import format_time
+    from smtpproxy.ops.reports import format_time
 
     table = Table(title="timeline (UTC)", title_justify="left")
     table.add_column("time", no_wrap=True)
@@ -192,7 +192,7 @@ def _timeline(r: dict[str, Any]) -> None:
 
 def _event_text(event: dict[str, Any]) -> Text:
     from smtpproxy.cli.reports import STATUS_STYLE
-    from smtpproxy.reports import outcome_class
+    from smtpproxy.ops.reports import outcome_class
 
     if "status" in event:
         return Text(event["event"], style=STATUS_STYLE[outcome_class(event["status"])])

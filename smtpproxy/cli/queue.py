@@ -32,7 +32,7 @@ def status(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     """
     from smtpproxy.cli.reports import dump_json, rows, utc_session
     from smtpproxy.db.queries import Q
-    from smtpproxy.reports import queue_report
+    from smtpproxy.ops.reports import queue_report
 
     cfg = config(ctx)
     with database(ctx) as conn:
@@ -112,7 +112,7 @@ def _tenant_id(key: str, tenant_prefix: str) -> int | None:
 
 def _human(report: dict[str, Any], now: datetime) -> None:
     from smtpproxy.cli.reports import print_table
-    from smtpproxy.reports import format_age, format_due
+    from smtpproxy.ops.reports import format_age, format_due
 
     redis = report["redis"]
     totals = report["totals"]

@@ -82,7 +82,7 @@ def print_table(table: RenderableType) -> None:
 
 
 def status_text(status: str) -> Text:
-    from smtpproxy.reports import outcome_class
+    from smtpproxy.ops.reports import outcome_class
 
     return Text(status, style=STATUS_STYLE[outcome_class(status)])
 
@@ -117,7 +117,7 @@ def _logs(
 ) -> None:
     from smtpproxy.db.queries import Q
     from smtpproxy.errors import NotFoundError, UsageError
-    from smtpproxy.reports import LOG_STATUSES, header_id, time_range
+    from smtpproxy.ops.reports import LOG_STATUSES, header_id, time_range
 
     if not 1 <= limit <= MAX_LIMIT:
         raise UsageError(f"--limit must be between 1 and {MAX_LIMIT}")
@@ -185,7 +185,7 @@ def _logs(
 
 
 def _logs_table(found: list[dict[str, Any]]) -> None:
-    from smtpproxy.reports import format_ms, format_time, recipients_cell, shorten
+    from smtpproxy.ops.reports import format_ms, format_time, recipients_cell, shorten
 
     if not found:
         say("no delivery attempts match")
@@ -229,7 +229,7 @@ def _stats(
 ) -> None:
     from smtpproxy.db.queries import Q
     from smtpproxy.errors import UsageError
-    from smtpproxy.reports import bucket_count, series, summarise, time_range
+    from smtpproxy.ops.reports import bucket_count, series, summarise, time_range
 
     if by is not None and by not in ("hour", "day"):
         raise UsageError(f"--by {by!r}: expected hour or day")
@@ -268,7 +268,7 @@ def _stats(
 
 
 def _stats_human(report: dict[str, Any]) -> None:
-    from smtpproxy.reports import format_ms, format_rate, format_time
+    from smtpproxy.ops.reports import format_ms, format_rate, format_time
 
     filters = ", ".join(f"{k} {v}" for k, v in report["filters"].items() if v is not None)
     say(
@@ -331,7 +331,7 @@ def _counts_table(title: str, key: str, extra: str | None = None) -> Table:
 
 
 def _count_cells(name: str, r: dict[str, Any], extra: str | None = None) -> list[Text]:
-    from smtpproxy.reports import format_rate
+    from smtpproxy.ops.reports import format_rate
 
     cells = [Text(name)]
     if extra is not None:
@@ -344,7 +344,7 @@ def _count_cells(name: str, r: dict[str, Any], extra: str | None = None) -> list
 def _chart(series: dict[str, Any]) -> None:
     """One line per bucket: a bar stacked from delivered, retried and failed attempts,
     scaled to the busiest bucket, then the numbers."""
-    from smtpproxy.reports import BAR_CHARS, bar_cells, bucket_label
+    from smtpproxy.ops.reports import BAR_CHARS, bar_cells, bucket_label
 
     buckets = series["buckets"]
     by = series["by"]

@@ -2,7 +2,7 @@
 
 It speaks SMTP to any server (this relay or another) with smtplib, prints every reply and
 where the time went, and for --count > 1 sums the run up. Blocking I/O is fine here: the
-CLI is not trio. The pure parts (message, replies, summary) are in smtpproxy.smtpclient.
+CLI is not trio. The pure parts (message, replies, summary) are in smtpproxy.ops.sendtest.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rich.text import Text
 from smtpproxy.cli.common import JsonOption, config, console, read_secret
 from smtpproxy.config import Config
 from smtpproxy.errors import UsageError
-from smtpproxy.smtpclient import (
+from smtpproxy.ops.sendtest import (
     Outcome,
     Summary,
     build_message,

@@ -17,10 +17,10 @@ import trio
 from loguru import logger
 from psycopg.rows import dict_row
 
-from smtpproxy import fsck
 from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
+from smtpproxy.ops import fsck
 from smtpproxy.runtime.resources import Resources
 
 BATCH = 500

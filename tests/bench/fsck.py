@@ -1,6 +1,6 @@
 """Storage checker benchmark: `smtpproxy fsck-storage` on a million rows, in flat memory.
 
-Builds a scratch installation and runs smtpproxy.fsck.Checker on it: a dry run, a
+Builds a scratch installation and runs smtpproxy.ops.fsck.Checker on it: a dry run, a
 repair, and a last dry run that shows the repair left everything consistent.
 
 * a new database on the PostgreSQL server named by SMTPPROXY_TEST_DATABASE_URL (migrated
@@ -48,7 +48,7 @@ from loguru import logger
 from smtpproxy import admin
 from smtpproxy.config import structure
 from smtpproxy.db import migrate
-from smtpproxy.fsck import Checker, CheckResult, options_from_config
+from smtpproxy.ops.fsck import Checker, CheckResult, options_from_config
 from smtpproxy.runtime.resources import Resources, open_resources
 from smtpproxy.store import key_for
 from smtpproxy.store.local import LocalStore
