@@ -18,11 +18,12 @@ import pytest
 import trio
 from loguru import logger
 
-from smtpproxy import admin, devices
+from smtpproxy import admin
 from smtpproxy.admin import devices as admin_devices
 from smtpproxy.config import merge, structure
-from smtpproxy.devices import Device, DeviceTable
 from smtpproxy.errors import ConfigError
+from smtpproxy.ingress import devices
+from smtpproxy.ingress.devices import Device, DeviceTable
 from smtpproxy.models import AccountIdentity
 from smtpproxy.runtime.service import Running
 from tests.conftest import PASSWORD, make_config

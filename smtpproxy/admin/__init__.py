@@ -7,7 +7,7 @@ become NotFoundError or ConflictError with one line naming what is wrong; secret
 already hashed or encrypted and never leave as plain text.
 
 Every change also, in the same transaction:
-- appends an audit_log row (smtpproxy.audit.record) with secrets masked and without
+- appends an audit_log row (smtpproxy.admin.audit.record) with secrets masked and without
   password hashes, and
 - sends `NOTIFY smtpproxy_config, '<kind>'` (kind: tenant, account, provider, route), so
   running instances reload their configuration as soon as the change commits.

@@ -1,4 +1,4 @@
-"""Reading the audit trail that every change writes (smtpproxy.audit records it)."""
+"""Reading the audit trail that every change writes (smtpproxy.admin.audit records it)."""
 
 from __future__ import annotations
 

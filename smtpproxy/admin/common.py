@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from smtpproxy import audit
+from smtpproxy.admin import audit
 from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import ConflictError, UsageError

@@ -9,7 +9,7 @@ soon as the change commits.
 
 Refused: a network that overlaps another device's (an address belongs to one device at
 most; the database's exclusion constraint holds even against concurrent adds), one
-wider than the rule in smtpproxy.devices allows, one outside the tenant's allowed
+wider than the rule in smtpproxy.ingress.devices allows, one outside the tenant's allowed
 networks (its devices could never send), and an unknown account.
 """
 
@@ -22,10 +22,12 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from smtpproxy import admin, audit, devices
+from smtpproxy import admin
+from smtpproxy.admin import audit
 from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import ConflictError, NotFoundError, UsageError
+from smtpproxy.ingress import devices
 
 Row = dict[str, Any]
 

@@ -9,7 +9,7 @@ from typing import LiteralString
 import psycopg
 from psycopg import sql
 
-from smtpproxy import audit
+from smtpproxy.admin import audit
 from smtpproxy.admin.common import (
     PermissionDenied,
 )

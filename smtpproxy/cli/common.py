@@ -92,7 +92,7 @@ YesOption = typer.Option(
 
 def _db_user(ctx: typer.Context) -> str:
     """The database user the command connects as, for messages."""
-    from smtpproxy.audit import os_user
+    from smtpproxy.admin.audit import os_user
 
     try:
         user = psycopg.conninfo.conninfo_to_dict(config(ctx).database.url).get("user")

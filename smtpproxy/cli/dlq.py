@@ -181,7 +181,7 @@ def retry(
 
     Example: [bold]smtpproxy dlq retry --tenant acme --since 2h --to-provider backup --yes[/bold]
     """
-    from smtpproxy import audit
+    from smtpproxy.admin import audit
     from smtpproxy.db.queries import Q
 
     cfg = config(ctx)
@@ -289,7 +289,7 @@ def purge(
 
     Example: [bold]smtpproxy dlq purge --status failed --since 30d --dry-run[/bold]
     """
-    from smtpproxy import audit
+    from smtpproxy.admin import audit
     from smtpproxy.db.queries import Q
     from smtpproxy.store import open_store
 

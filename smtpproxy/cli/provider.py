@@ -335,7 +335,7 @@ def test_command(
     import trio
 
     from smtpproxy import admin
-    from smtpproxy.audit import MASK
+    from smtpproxy.admin.audit import MASK
     from smtpproxy.config.crypto import SecretBox
     from smtpproxy.delivery import providers
     from smtpproxy.ids import new_message_id

@@ -39,7 +39,6 @@ from psycopg.rows import dict_row
 
 from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
-from smtpproxy.delivery import legacy
 from smtpproxy.delivery.attempt import Deliverer
 from smtpproxy.delivery.breaker import ProviderHealth
 from smtpproxy.delivery.budget import BODY_BUDGET, READ_CHUNK, ByteBudget, Slots, by_bytes
@@ -49,6 +48,7 @@ from smtpproxy.delivery.records import Claimed
 from smtpproxy.delivery.retry import RetryPolicy
 from smtpproxy.errors import DatabaseUnavailable, QueueUnavailable, StoreUnavailable
 from smtpproxy.mail.headers import summarize
+from smtpproxy.queue import legacy
 from smtpproxy.queue.liveness import ConsumerRegistry, LiveConsumers
 from smtpproxy.queue.streams import Entry, Streams
 from smtpproxy.runtime.resources import Resources

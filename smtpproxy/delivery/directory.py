@@ -3,7 +3,7 @@ the live provider objects built from them.
 
 Loading is I/O (one read of routing_rules, providers and devices); everything after is
 lookups in frozen values. The device table rides along so that ingress follows device
-changes with the same reload (smtpproxy/devices.py). Provider secrets are decrypted
+changes with the same reload (smtpproxy/ingress/devices.py). Provider secrets are decrypted
 when the snapshot is loaded and live only in memory. A provider object is rebuilt only
 when its spec changes, so its connection pool survives reloads.
 """
@@ -18,14 +18,14 @@ import psycopg
 from loguru import logger
 from psycopg.rows import dict_row
 
-from smtpproxy import devices
 from smtpproxy.config import Config
 from smtpproxy.config.crypto import SecretBox
 from smtpproxy.db.queries import Q
 from smtpproxy.delivery import providers
 from smtpproxy.delivery.routing import Rule
-from smtpproxy.devices import DeviceTable
 from smtpproxy.errors import SecretError
+from smtpproxy.ingress import devices
+from smtpproxy.ingress.devices import DeviceTable
 
 
 @attrs.frozen

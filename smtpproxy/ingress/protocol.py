@@ -49,9 +49,9 @@ from typing import Any, cast
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 from loguru import logger
 
-from smtpproxy.devices import Device
 from smtpproxy.ingress import replies
 from smtpproxy.ingress.dataread import DataReader, Verdict
+from smtpproxy.ingress.devices import Device
 from smtpproxy.ingress.gate import Gate
 from smtpproxy.models import AccountIdentity
 

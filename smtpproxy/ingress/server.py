@@ -24,11 +24,11 @@ import uvloop
 from loguru import logger
 
 from smtpproxy.config import HostPort
-from smtpproxy.devices import Device
 from smtpproxy.errors import ConfigError, ListenError
 from smtpproxy.ingress import bridge, tls
 from smtpproxy.ingress.auth import Authenticator
 from smtpproxy.ingress.commit import Committer
+from smtpproxy.ingress.devices import Device
 from smtpproxy.ingress.gate import Gate
 from smtpproxy.ingress.guard import Guard
 from smtpproxy.ingress.handler import IngressHandler
