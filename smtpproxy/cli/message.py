@@ -40,50 +40,15 @@ def show(
 
     Example: [bold]smtpproxy message show 01HZX4J9Q8M4T3V6K2N5R7W1AB[/bold]
     """
-    from smtpproxy.cli.reports import dump_json, rows, utc_session
-    from smtpproxy.db.queries import Q
-    from smtpproxy.errors import NotFoundError, UsageError
-    from smtpproxy.ops.reports import body_state, header_id, timeline
+    from smtpproxy.cli.reports import dump_json
+    from smtpproxy.ops.lookup import AmbiguousMessage, message_story
 
-    wanted = ident.strip()
     with database(ctx) as conn:
-        now = utc_session(conn)
-        found = rows(conn, Q.report_message_find, {"id": wanted, "header_id": header_id(wanted)})
-        exact = [m for m in found if m["id"] == wanted]
-        ids = {m["id"] for m in found}
-        # children of a split carry their parent's Message-ID: count only the roots
-        roots = exact or [m for m in found if m["parent_id"] not in ids]
-        if not roots:
-            raise NotFoundError(f"no message with the id or Message-ID {wanted!r}")
-        if len(roots) > 1:
-            _list_matches(roots, as_json)
-            shown = "100+" if len(roots) > 100 else str(len(roots))
-            raise UsageError(
-                f"{shown} messages have the Message-ID <{header_id(wanted)}>: "
-                "show one of them by its id"
-            )
-        message = rows(conn, Q.report_message, (roots[0]["id"],))[0]
-        children = rows(conn, Q.report_message_descendants, {"id": message["id"]})
-        attempts = rows(
-            conn,
-            Q.report_message_attempts,
-            ([message["id"], *(c["id"] for c in children)],),
-        )
-        parent = None
-        if message["parent_id"] is not None:
-            found_parent = rows(conn, Q.report_message, (message["parent_id"],))
-            if found_parent:
-                p = found_parent[0]
-                parent = {k: p[k] for k in ("id", "status", "rcpt_to", "finished_at")}
-    events = timeline(message, children, attempts)
-    result = {
-        **{k: v for k, v in message.items() if k not in ("storage_key", "body_deleted_at")},
-        "body": body_state(message),
-        "parent": parent,
-        "children": children,
-        "delivery_attempts": attempts,
-        "timeline": events,
-    }
+        try:
+            result, now = message_story(conn, ident)
+        except AmbiguousMessage as exc:
+            _list_matches(exc.matches, as_json)
+            raise
     if as_json:
         dump_json(result)
         return

@@ -10,7 +10,6 @@ from rich.table import Table
 from rich.text import Text
 
 from smtpproxy.cli.common import JsonOption, config, database, error_line, say
-from smtpproxy.config import Config
 from smtpproxy.models import CLAIMABLE, DEAD, values
 
 app = typer.Typer(no_args_is_help=True)
@@ -30,84 +29,19 @@ def status(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
     Example: [bold]smtpproxy queue status[/bold]
     """
-    from smtpproxy.cli.reports import dump_json, rows, utc_session
-    from smtpproxy.db.queries import Q
-    from smtpproxy.ops.reports import queue_report
+    from smtpproxy.cli.reports import dump_json
+    from smtpproxy.ops.lookup import queue_status
 
     cfg = config(ctx)
     with database(ctx) as conn:
-        now = utc_session(conn)
-        live = rows(conn, Q.report_queue_live, ())
-        dead = rows(conn, Q.report_queue_dead, ())
-        names = {int(r["id"]): str(r["name"]) for r in rows(conn, Q.report_tenant_names, ())}
-    redis, redis_error = read_redis(cfg)
-    report: dict[str, Any] = {
-        **queue_report(live, dead, names, redis, now),
-        "redis": {"available": True, **redis}
-        if redis is not None
-        else {"available": False, "error": redis_error},
-    }
+        report, now, redis_error = queue_status(conn, cfg)
     if as_json:
         dump_json(report)
     else:
         _human(report, now)
-    if redis is None:
+    if redis_error:
         error_line(f"error: {redis_error}")
         raise typer.Exit(1)
-
-
-def read_redis(cfg: Config) -> tuple[dict[str, Any] | None, str]:
-    """Lengths and pending entries of every stream, or (None, why not)."""
-    import redis
-
-    from smtpproxy.errors import UnavailableError
-    from smtpproxy.queue.streams import Streams, connect, mapped_errors
-    from smtpproxy.runtime import embedded
-
-    try:
-        client = connect(embedded.redis_url(cfg), socket_timeout=cfg.redis.socket_timeout)
-        try:
-            streams = Streams(client, cfg.redis.key_prefix)
-            keys = streams.all_streams()
-            with mapped_errors():
-                pipe = streams.client.pipeline(transaction=False)
-                for key in [*keys, streams.dead_letters]:
-                    pipe.xlen(key)
-                lengths = [int(n) for n in pipe.execute()]
-            pending = [streams.pending(key) for key in keys]
-        finally:
-            client.close()
-    except UnavailableError as exc:
-        return None, str(exc) if "redis" in str(exc) else f"redis unavailable: {exc}"
-    except redis.RedisError as exc:
-        return None, f"redis: {exc}"
-    tenant_prefix = streams.stream_for("")
-    consumers: dict[str, int] = {}
-    for p in pending:
-        for name, n in p.consumers.items():
-            consumers[name] = consumers.get(name, 0) + n
-    out = [
-        {
-            "stream": key,
-            "tenant_id": _tenant_id(key, tenant_prefix),
-            "length": length,
-            "pending": p.count,
-        }
-        for key, length, p in zip(keys, lengths[:-1], pending, strict=True)
-    ]
-    return {
-        "stream_length": sum(s["length"] for s in out),
-        "pending": sum(s["pending"] for s in out),
-        "consumers": dict(sorted(consumers.items())),
-        "streams": out,
-        "dlq_stream": streams.dead_letters,
-        "dlq_stream_length": lengths[-1],
-    }, ""
-
-
-def _tenant_id(key: str, tenant_prefix: str) -> int | None:
-    suffix = key[len(tenant_prefix) :] if key.startswith(tenant_prefix) else ""
-    return int(suffix) if suffix.isdigit() else None
 
 
 def _human(report: dict[str, Any], now: datetime) -> None:

@@ -12,62 +12,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import typer
-from psycopg.rows import dict_row
 from rich.console import Console, RenderableType
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from smtpproxy.cli.common import JsonOption, console, database, say
-from smtpproxy.db.pool import Conn
 
 STATUS_STYLE = {"delivered": "green", "retried": "yellow", "failed": "red"}
 ERROR_WIDTH = 60
 MAX_LIMIT = 10_000
-MAX_BUCKETS = 2000
 PIPE_WIDTH = 400
 
 
 # -- shared ------------------------------------------------------------------------------
-
-
-def utc_session(conn: Conn) -> datetime:
-    """Make the connection read-only and UTC (timestamps and day/hour buckets), and
-    return the server's now."""
-    from smtpproxy.db.queries import Q
-
-    conn.read_only = True
-    conn.execute("SET TIME ZONE 'UTC'")
-    row = conn.execute(Q.report_now).fetchone()
-    assert row is not None
-    now: datetime = row[0]
-    return now
-
-
-def rows(conn: Conn, query: Any, params: Any) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(query, params).fetchall()
-
-
-def resolve_filters(
-    conn: Conn, tenant: str | None, account: str | None
-) -> tuple[int | None, int | None]:
-    """Tenant and account ids for --tenant/--account; an unknown name is an error, and
-    so is an account of another tenant."""
-    from smtpproxy import admin
-    from smtpproxy.errors import UsageError
-
-    tenant_id = account_id = None
-    if tenant is not None:
-        tenant_id = int(admin.tenant(conn, tenant)["id"])
-    if account is not None:
-        acc = admin.account(conn, account)
-        account_id = int(acc["id"])
-        if tenant_id is not None and int(acc["tenant_id"]) != tenant_id:
-            raise UsageError(
-                f"account {account!r} belongs to tenant {acc['tenant']!r}, not {tenant!r}"
-            )
-    return tenant_id, account_id
 
 
 def print_table(table: RenderableType) -> None:
@@ -115,55 +73,16 @@ def _logs(
     before: int | None,
     as_json: bool,
 ) -> None:
-    from smtpproxy.db.queries import Q
-    from smtpproxy.errors import NotFoundError, UsageError
-    from smtpproxy.ops.reports import LOG_STATUSES, header_id, time_range
+    from smtpproxy.errors import UsageError
+    from smtpproxy.ops.lookup import LogFilter, delivery_logs
 
     if not 1 <= limit <= MAX_LIMIT:
         raise UsageError(f"--limit must be between 1 and {MAX_LIMIT}")
     if page < 1:
         raise UsageError("--page must be 1 or more")
-    if status is not None and status not in LOG_STATUSES:
-        raise UsageError(f"--status {status!r}: expected one of {', '.join(LOG_STATUSES)}")
+    wanted = LogFilter(tenant, account, provider, status, recipient, since, until, message_id)
     with database(ctx) as conn:
-        now = utc_session(conn)
-        start, end = time_range(since, until, now)
-        tenant_id, account_id = resolve_filters(conn, tenant, account)
-        message_ids = None
-        if message_id is not None:
-            wanted = header_id(message_id)
-            message_ids = [
-                r["id"] for r in rows(conn, Q.report_message_family, {"message": wanted})
-            ]
-            if not message_ids:
-                raise NotFoundError(f"no message with the id or Message-ID {message_id!r}")
-        before_at = None
-        if before is not None:
-            cursor = conn.execute(Q.report_log_cursor, (before,)).fetchone()
-            if cursor is None:
-                raise NotFoundError(f"--before {before}: no delivery log with that id")
-            before_at = cursor[1]
-        found = rows(
-            conn,
-            Q.report_logs,
-            {
-                "since": start,
-                "until": end,
-                "before_at": before_at,
-                "before_id": before,
-                "tenant_id": tenant_id,
-                "account_id": account_id,
-                "provider": provider,
-                "status": status,
-                "recipient": recipient.strip() if recipient else None,
-                "message_ids": message_ids,
-                "limit": limit + 1,
-                "offset": (page - 1) * limit,
-            },
-        )
-    more = len(found) > limit
-    found = found[:limit]
-    next_before = found[-1]["id"] if more and found else None
+        found, next_before = delivery_logs(conn, wanted, limit=limit, page=page, before=before)
     if as_json:
         dump_json(
             {
@@ -227,40 +146,18 @@ def _stats(
     by: str | None,
     as_json: bool,
 ) -> None:
-    from smtpproxy.db.queries import Q
-    from smtpproxy.errors import UsageError
-    from smtpproxy.ops.reports import bucket_count, series, summarise, time_range
+    from smtpproxy.ops.lookup import delivery_stats
 
-    if by is not None and by not in ("hour", "day"):
-        raise UsageError(f"--by {by!r}: expected hour or day")
     with database(ctx) as conn:
-        now = utc_session(conn)
-        start, end = time_range(since, until, now)
-        assert start is not None
-        end = end or now
-        if by is not None and bucket_count(start, end, by) > MAX_BUCKETS:
-            raise UsageError(
-                f"--by {by} over this range makes more than {MAX_BUCKETS} bars: "
-                "narrow the range or use --by day"
-            )
-        tenant_id, account_id = resolve_filters(conn, tenant, account)
-        params = {
-            "since": start,
-            "until": end,
-            "tenant_id": tenant_id,
-            "account_id": account_id,
-            "provider": provider,
-        }
-        groups = rows(conn, Q.report_stats_groups, {**params, "bucket": by})
-        p95 = {r["provider_name"]: r["p95_ms"] for r in rows(conn, Q.report_stats_p95, params)}
-    report: dict[str, Any] = {
-        "since": start,
-        "until": end,
-        "filters": {"tenant": tenant, "account": account, "provider": provider},
-        **summarise(groups, p95),
-    }
-    if by is not None:
-        report["series"] = {"by": by, "buckets": series(groups, start, end, by)}
+        report = delivery_stats(
+            conn,
+            since=since,
+            until=until,
+            tenant=tenant,
+            account=account,
+            provider=provider,
+            by=by,
+        )
     if as_json:
         dump_json(report)
     else:
