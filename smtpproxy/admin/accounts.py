@@ -19,6 +19,7 @@ from smtpproxy.admin.common import (
     one,
     plural,
     rows,
+    set_status,
 )
 from smtpproxy.admin.tenants import (
     tenant,
@@ -136,15 +137,16 @@ def set_account_status(conn: Conn, username: str, status: str) -> bool:
         a = account(conn, username, lock=True)
         if a["status"] == status:
             return False
-        conn.execute(Q.account_set_status, (status, a["id"]))
         action = "account.disable" if status == "disabled" else "account.enable"
-        changed(
+        set_status(
             conn,
-            [ACCOUNT],
-            action,
-            username,
-            before=_account_view(a),
-            after={**_account_view(a), "status": status},
+            ACCOUNT,
+            Q.account_set_status,
+            a,
+            status,
+            action=action,
+            target=username,
+            view=_account_view,
         )
     return True
 

@@ -70,6 +70,23 @@ def changed(
         conn.execute(Q.notify_config, (kind,))
 
 
+def set_status(
+    conn: Conn,
+    kind: str,
+    query: Any,
+    row: Row,
+    status: str,
+    *,
+    action: str,
+    target: str,
+    view: Callable[[Row], dict[str, Any]],
+) -> None:
+    """Write a tenant's or account's new status and record the change."""
+    conn.execute(query, (status, row["id"]))
+    before = view(row)
+    changed(conn, [kind], action, target, before=before, after={**before, "status": status})
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 

@@ -18,6 +18,7 @@ from smtpproxy.admin.common import (
     one,
     plural,
     rows,
+    set_status,
 )
 from smtpproxy.db.pool import Conn
 from smtpproxy.db.queries import Q
@@ -108,15 +109,16 @@ def set_tenant_status(conn: Conn, name: str, status: str) -> bool:
         t = tenant(conn, name, lock=True)
         if t["status"] == status:
             return False
-        conn.execute(Q.tenant_set_status, (status, t["id"]))
         action = "tenant.suspend" if status == "suspended" else "tenant.resume"
-        changed(
+        set_status(
             conn,
-            [TENANT],
-            action,
-            name,
-            before=_tenant_view(t),
-            after={**_tenant_view(t), "status": status},
+            TENANT,
+            Q.tenant_set_status,
+            t,
+            status,
+            action=action,
+            target=name,
+            view=_tenant_view,
         )
     return True
 
