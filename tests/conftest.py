@@ -28,9 +28,27 @@ from smtpproxy.passwords import hash_password
 from smtpproxy.resources import Resources, open_resources
 from smtpproxy.service import Running
 from tests.support import serving
+from tests.support.tiers import TIERS, Classifier
 
 RUN_ID = secrets.token_hex(4)
 TABLES = "delivery_logs, messages, routing_rules, devices, providers, accounts, tenants, audit_log"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its tier (unit, backend, service, subprocess; see
+    tests/support/tiers.py), read from the fixtures and helpers it uses."""
+    classifier = Classifier()
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue  # declared by hand: the test knows better
+        info = getattr(item, "_fixtureinfo", None)
+        fixturenames = getattr(item, "fixturenames", ())
+        functions: list[Any] = [getattr(item, "function", None)]
+        if info is not None:
+            for name in fixturenames:
+                functions += [d.func for d in info.name2fixturedefs.get(name, ())]
+        tier = classifier.of_test(fixturenames, [f for f in functions if f is not None])
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 def _with_dbname(url: str, dbname: str) -> str:
