@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 import attrs
 from loguru import logger
 
-from smtpproxy.config import Config
 from smtpproxy.errors import ConfigError
 
 if TYPE_CHECKING:
     from smtpproxy.cloudwatch import CloudWatchSink, CloudWatchStats
+    from smtpproxy.config import Config
 
 MASK = "********"
 MAX_MESSAGE_CHARS = 16 * 1024  # longer messages are cut: a body never fits in a log line

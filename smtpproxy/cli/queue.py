@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from smtpproxy.cli.common import JsonOption, config, database, error_line, say
-from smtpproxy.config import Config
+
+if TYPE_CHECKING:
+    from smtpproxy.config import Config
 
 app = typer.Typer(no_args_is_help=True)
 

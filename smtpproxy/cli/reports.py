@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import typer
-from psycopg.rows import dict_row
 from rich.console import Console, RenderableType
 from rich.measure import Measurement
 from rich.table import Table
@@ -27,7 +25,10 @@ MAX_LIMIT = 10_000
 MAX_BUCKETS = 2000
 PIPE_WIDTH = 400
 
-Conn = psycopg.Connection[Any]
+if TYPE_CHECKING:
+    import psycopg
+
+    Conn = psycopg.Connection[Any]
 
 
 # -- shared ------------------------------------------------------------------------------
@@ -47,6 +48,8 @@ def utc_session(conn: Conn) -> datetime:
 
 
 def rows(conn: Conn, query: Any, params: Any) -> list[dict[str, Any]]:
+    from psycopg.rows import dict_row
+
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(query, params).fetchall()
 

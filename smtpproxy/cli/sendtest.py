@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 from email.utils import formatdate
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import typer
 from rich.text import Text
 
 from smtpproxy.cli.common import JsonOption, config, console, read_secret
-from smtpproxy.config import Config
 from smtpproxy.errors import UsageError
 from smtpproxy.smtpclient import (
     Outcome,
@@ -38,6 +38,9 @@ from smtpproxy.smtpclient import (
     summary_lines,
     wire_data,
 )
+
+if TYPE_CHECKING:
+    from smtpproxy.config import Config
 
 SMTPPROXY_PORT = 2525  # smtpproxy's default smtp.listen
 SMTPS_PORT = 465

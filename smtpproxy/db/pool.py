@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
 import psycopg_pool
 
 from smtpproxy.errors import DatabaseUnavailable
-from smtpproxy.threads import Offload
+
+if TYPE_CHECKING:
+    from smtpproxy.threads import Offload
 
 T = TypeVar("T")
 
@@ -63,7 +65,10 @@ class Database:
             kwargs={"connect_timeout": max(1, int(connect_timeout)), "application_name": name},
             reconnect_timeout=0,  # keep trying forever; callers see DatabaseUnavailable
         )
-        self.offload = Offload("postgresql", max_size)
+        # the service's thread slots; a CLI command's single connect() never loads trio
+        from smtpproxy.threads import Offload
+
+        self.offload: Offload = Offload("postgresql", max_size)
 
     def open(self) -> None:
         # do not wait: a database that is down at start must not stop the service
