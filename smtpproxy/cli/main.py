@@ -83,9 +83,11 @@ app.add_typer(queue.app, name="queue", help="The delivery queue.")
 app.add_typer(dlq.app, name="dlq", help="Dead letters: list, replay, purge.")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The `smtpproxy` script: the command line's arguments, or argv (the arguments
+    after the program name), in this process; ends with SystemExit."""
     try:
-        app()
+        app(args=argv, prog_name="smtpproxy" if argv is not None else None)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             error_line(f"config error: {line}")
