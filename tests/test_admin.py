@@ -32,7 +32,7 @@ from smtpproxy.crypto import SecretBox
 from smtpproxy.ids import new_message_id
 from smtpproxy.passwords import hash_password, verify_password
 from smtpproxy.store.base import key_for
-from tests.conftest import Service
+from tests.conftest import CliConfigFactory, Service
 from tests.support import smtp
 from tests.support.cli import (
     Cli,
@@ -73,17 +73,8 @@ def audit_clean(pg_url: str, conn: psycopg.Connection[Any]) -> Iterator[None]:
 
 
 @pytest.fixture
-def config_path(
-    tmp_path: Path,
-    pg_url: str,
-    redis_url: str,
-    key_prefix: str,
-    secret_key: str,
-    clean: None,
-    audit_clean: None,
-) -> Path:
-    raw = config_settings(tmp_path, pg_url, redis_url, key_prefix, secret_key)
-    return write_config(tmp_path / "smtpproxy.toml", raw)
+def config_path(cli_config_file: CliConfigFactory, secret_key: str, audit_clean: None) -> Path:
+    return cli_config_file(secret_key)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from smtpproxy import admin
 from smtpproxy.crypto import SecretBox
 from smtpproxy.db import migrate
 from smtpproxy.passwords import hash_password, verify_password
+from tests.conftest import CliConfigFactory
 from tests.support.cli import Cli, as_json, config_settings, fails, ok, run_cli, run_cli_process
 from tests.support.process import write_config
 
@@ -51,11 +52,8 @@ def secret_key() -> str:
 
 
 @pytest.fixture
-def config_path(
-    tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, secret_key: str, clean: None
-) -> Path:
-    raw = config_settings(tmp_path, pg_url, redis_url, key_prefix, secret_key)
-    return write_config(tmp_path / "smtpproxy.toml", raw)
+def config_path(cli_config_file: CliConfigFactory, secret_key: str) -> Path:
+    return cli_config_file(secret_key)
 
 
 @pytest.fixture

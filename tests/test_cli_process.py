@@ -11,18 +11,16 @@ from typing import Any
 
 import psycopg
 import pytest
-from cryptography.fernet import Fernet
 
 from smtpproxy import admin
-from tests.support.cli import cli_env, config_settings, fails, ok, run_cli_process
+from tests.conftest import CliConfigFactory
+from tests.support.cli import cli_env, fails, ok, run_cli_process
 from tests.support.process import write_config
 
 
 @pytest.fixture
-def config_path(tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, clean: None) -> Path:
-    secret_key = Fernet.generate_key().decode()
-    raw = config_settings(tmp_path, pg_url, redis_url, key_prefix, secret_key)
-    return write_config(tmp_path / "smtpproxy.toml", raw)
+def config_path(cli_config_file: CliConfigFactory) -> Path:
+    return cli_config_file()
 
 
 def test_the_installed_script_shows_its_commands(tmp_path: Path) -> None:
