@@ -1,10 +1,11 @@
-"""The administrative CLI, run as real processes against real PostgreSQL: tenants,
+"""The administrative CLI against real PostgreSQL: tenants,
 accounts, providers and routes beyond add/list, the reload notifications and audit rows
 every change leaves, refusals that protect invariants, confirmation prompts, database
 roles (viewer, operator, admin) and shell completion.
 
 Setup that is not under test goes through smtpproxy.admin directly (what the commands
-call); everything asserted on is done through `python -m smtpproxy`.
+call); everything asserted on is done through the `smtpproxy` command (its entry point
+in this process, tests/support/cli.py; a real process where a terminal is needed).
 """
 
 from __future__ import annotations

@@ -978,7 +978,8 @@ async def test_repairs_are_safe_while_the_service_accepts_and_delivers(
 
 
 def run_cli(config: Path, *args: str) -> Result:
-    """`smtpproxy --config CONFIG fsck-storage ARGS...` as a child process (stderr a pipe)."""
+    """`smtpproxy --config CONFIG fsck-storage ARGS...` (in this process; stderr not a
+    terminal)."""
     return cli.run_cli(config, "fsck-storage", *args, timeout=120)
 
 
