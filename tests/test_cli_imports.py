@@ -13,7 +13,10 @@ import sys
 import pytest
 
 # what no command needs before it runs, and --help never needs
-BACK_ENDS = ("psycopg", "psycopg_pool", "trio", "redis", "loguru", "cattrs", "smtpproxy.admin")
+BACK_ENDS = (
+    *("psycopg", "psycopg_pool", "trio", "redis", "loguru", "cattrs", "smtplib"),
+    *("smtpproxy.admin", "smtpproxy.config", "smtpproxy.cli.sendtest"),
+)
 PROVIDER_LIBRARIES = ("boto3", "botocore", "httpx", "h11", "cryptography")
 PROVIDER_MODULES = tuple(
     f"smtpproxy.delivery.providers.{name}"

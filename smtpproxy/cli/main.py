@@ -30,7 +30,7 @@ from smtpproxy.cli import (
     reports,
     route,
     runcmd,
-    sendtest,
+    sendtestcmd,
     tenant,
 )
 from smtpproxy.cli.common import error_line
@@ -70,7 +70,7 @@ runcmd.register(app)
 fsckcmd.register(app)
 reports.register(app)  # logs, stats
 audit.register(app)
-sendtest.register(app)  # send-test
+sendtestcmd.register(app)  # send-test
 healthcmd.register(app)
 app.add_typer(dbcmd.app, name="db")
 app.add_typer(tenant.app, name="tenant")

@@ -7,7 +7,8 @@ run_cli_process() runs a real `python -m smtpproxy` for what only a process show
 status the shell sees, the environment it inherits, output on a pipe.
 
 In process, the command's standard streams are this thread's only: another thread (a
-service a test runs while the command does) still writes where it wrote before. The
+service a test runs while the command does) still writes where it wrote before. Commands
+started from several threads at once run one after the other. The
 environment is the process's, changed for the duration of the call as cli_env() changes
 it for a child; the working directory is the config file's, as for a child. Logging,
 which the command sets up for itself, is put back afterwards.
@@ -78,14 +79,23 @@ def run_cli(
     argv = command(config, *args)
     options = argv[3:]  # without `python -m smtpproxy`
     cwd = config.parent if config is not None else None
-    # logging is put back last: its default sink is the stderr from before the command
-    with _restored_logging(), _cli_environment(), _own_streams(input or "") as (stdout, stderr):
+    # one command at a time (the environment, the working directory and logging are the
+    # process's); logging is put back last: its default sink is the stderr from before
+    with (
+        _ONE_AT_A_TIME,
+        _restored_logging(),
+        _cli_environment(),
+        _own_streams(input or "") as (stdout, stderr),
+    ):
         with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
             code = _call_main(options)
         result = Result(argv, code, stdout.getvalue(), stderr.getvalue())
     if check:
         result.check_returncode()
     return result
+
+
+_ONE_AT_A_TIME = threading.Lock()  # commands run from several threads wait their turn
 
 
 def _call_main(options: list[str]) -> int:
