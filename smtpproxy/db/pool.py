@@ -8,12 +8,12 @@ DatabaseUnavailable; programming errors (bad SQL) are left to crash loudly.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
-import psycopg_pool
 
 from smtpproxy.errors import DatabaseUnavailable
 
@@ -22,8 +22,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# errors that mean "the server is not reachable or the connection broke": retry later
-_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+
+def _unavailable() -> tuple[type[Exception], ...]:
+    """The errors that mean "the server is not reachable or the connection broke": retry
+    later. psycopg_pool's PoolTimeout only once a pool exists (a CLI command's single
+    connection does not import psycopg_pool)."""
+    pool = sys.modules.get("psycopg_pool")
+    timeout: tuple[type[Exception], ...] = (pool.PoolTimeout,) if pool is not None else ()
+    return (psycopg.OperationalError, psycopg.InterfaceError, *timeout)
 
 
 def describe_unavailable(exc: BaseException) -> str:
@@ -36,7 +42,7 @@ def describe_unavailable(exc: BaseException) -> str:
 def mapped_errors() -> Iterator[None]:
     try:
         yield
-    except _UNAVAILABLE as exc:
+    except _unavailable() as exc:
         raise DatabaseUnavailable(describe_unavailable(exc)) from exc
 
 
@@ -52,6 +58,8 @@ class Database:
         connect_timeout: float = 5.0,
         name: str = "smtpproxy",
     ) -> None:
+        import psycopg_pool
+
         self.url = url
         self._pool = psycopg_pool.ConnectionPool(
             url,
