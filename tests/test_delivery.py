@@ -18,7 +18,7 @@ from smtpproxy.queue.liveness import ConsumerRegistry
 from smtpproxy.runtime.resources import open_resources
 from smtpproxy.runtime.service import Running
 from smtpproxy.store import key_for
-from tests.conftest import make_config
+from tests.conftest import ConfigFactory
 from tests.support import smtp
 from tests.support.serving import add_file_provider, message_row, start, wait_status
 
@@ -61,12 +61,14 @@ def logs(pg_url: str, mid: str) -> list[dict[str, Any]]:
 
 
 async def test_default_route_delivers_exact_bytes(
-    cfg: Config, account: dict[str, Any], pg_url: str, nursery: trio.Nursery, tmp_path: Path
+    config_factory: ConfigFactory,
+    account: dict[str, Any],
+    pg_url: str,
+    nursery: trio.Nursery,
+    tmp_path: Path,
 ) -> None:
     """The file provider gets byte-for-byte what the client sent; a delivered log row is written."""
-    cfg = make_config(
-        tmp_path, pg_url, cfg.redis.url, cfg.redis.key_prefix, delivery={"default_route": "outbox"}
-    )
+    cfg = config_factory(delivery={"default_route": "outbox"})
     running, stop = await start(nursery, cfg)
     mid, data = await send(running, account["password"])
     row = await wait_status(pg_url, mid, "delivered")
@@ -145,18 +147,14 @@ async def test_transient_failure_retries_durably_then_delivers(
     pg_url: str,
     redis_url: str,
     key_prefix: str,
-    clean: None,
+    config_factory: ConfigFactory,
     nursery: trio.Nursery,
     tmp_path: Path,
 ) -> None:
     """A failed attempt sets retrying with next_attempt_at; the scheduler re-enqueues it."""
     blocker = tmp_path / "outbox"
     blocker.write_text("a file where the directory should be")
-    cfg = make_config(
-        tmp_path,
-        pg_url,
-        redis_url,
-        key_prefix,
+    cfg = config_factory(
         delivery={
             "default_route": "outbox",
             "retry_schedule": ["300ms"],
@@ -182,17 +180,13 @@ async def test_exhausted_retries_are_dead_lettered(
     pg_url: str,
     redis_url: str,
     key_prefix: str,
-    clean: None,
+    config_factory: ConfigFactory,
     nursery: trio.Nursery,
     tmp_path: Path,
 ) -> None:
     """After max_attempts the message is dlq, with a log row and a dead-letter stream entry."""
     (tmp_path / "outbox").write_text("never a directory")
-    cfg = make_config(
-        tmp_path,
-        pg_url,
-        redis_url,
-        key_prefix,
+    cfg = config_factory(
         delivery={
             "default_route": "outbox",
             "retry_schedule": ["50ms"],
@@ -235,16 +229,12 @@ async def test_missing_body_is_storage_error(
     pg_url: str,
     redis_url: str,
     key_prefix: str,
-    clean: None,
+    config_factory: ConfigFactory,
     nursery: trio.Nursery,
     tmp_path: Path,
 ) -> None:
     """A queued message whose body is gone ends as storage_error and is dead-lettered."""
-    cfg = make_config(
-        tmp_path,
-        pg_url,
-        redis_url,
-        key_prefix,
+    cfg = config_factory(
         delivery={"default_route": "outbox", "body_read_retries": ["10ms", "10ms"]},
     )
     insert_queued(
@@ -305,7 +295,7 @@ async def test_a_live_consumers_claim_is_not_taken_over(
     pg_url: str,
     redis_url: str,
     key_prefix: str,
-    clean: None,
+    config_factory: ConfigFactory,
     nursery: trio.Nursery,
     tmp_path: Path,
 ) -> None:
@@ -313,11 +303,7 @@ async def test_a_live_consumers_claim_is_not_taken_over(
     sent again while the consumer holding it still beats in the liveness registry (it may
     be waiting for PostgreSQL to record the outcome); once that consumer has left, the
     message is taken over and delivered once."""
-    cfg = make_config(
-        tmp_path,
-        pg_url,
-        redis_url,
-        key_prefix,
+    cfg = config_factory(
         delivery={
             "default_route": "outbox",
             "visibility_timeout": "1s",

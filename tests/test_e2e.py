@@ -21,7 +21,7 @@ import trio
 from cryptography.fernet import Fernet
 
 from tests.support import smtp
-from tests.support.cli import Result, run_cli
+from tests.support.cli import Result, run_cli_process
 from tests.support.fake_sendgrid import FakeSendGrid
 from tests.support.process import SmtpProxyProcess, write_config
 from tests.support.serving import wait_status
@@ -31,8 +31,9 @@ run = trio.to_thread.run_sync
 
 
 def cli(config: Path, *args: str, stdin: str | None = None) -> Result:
-    """The command, which must exit 0 (CalledProcessError otherwise)."""
-    return run_cli(config, *args, input=stdin, check=True)
+    """The command as a real process (end to end), which must exit 0 (CalledProcessError
+    otherwise)."""
+    return run_cli_process(config, *args, input=stdin, check=True)
 
 
 @pytest.fixture

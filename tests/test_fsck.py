@@ -39,7 +39,7 @@ from smtpproxy.ops.fsck import AlreadyRunning, Checker, CheckResult, Options
 from smtpproxy.runtime.resources import Resources, open_resources
 from smtpproxy.runtime.service import serve
 from smtpproxy.store import key_for
-from tests.conftest import make_config
+from tests.conftest import CliConfigFactory, make_config
 from tests.support import cli, smtp
 from tests.support.aws import no_real_aws
 from tests.support.cli import Result
@@ -978,7 +978,8 @@ async def test_repairs_are_safe_while_the_service_accepts_and_delivers(
 
 
 def run_cli(config: Path, *args: str) -> Result:
-    """`smtpproxy --config CONFIG fsck-storage ARGS...` as a child process (stderr a pipe)."""
+    """`smtpproxy --config CONFIG fsck-storage ARGS...` (in this process; stderr not a
+    terminal)."""
     return cli.run_cli(config, "fsck-storage", *args, timeout=120)
 
 
@@ -993,14 +994,8 @@ def progress_lines(result: Result) -> list[str]:
 
 
 @pytest.fixture
-def config_path(tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, clean: None) -> Path:
-    raw = {
-        "data_dir": str(tmp_path / "data"),
-        "database": {"url": pg_url},
-        "redis": {"url": redis_url, "key_prefix": key_prefix},
-        "security": {"secret_key": Fernet.generate_key().decode()},
-    }
-    return write_config(tmp_path / "smtpproxy.toml", raw)
+def config_path(cli_config_file: CliConfigFactory) -> Path:
+    return cli_config_file()
 
 
 @pytest.fixture

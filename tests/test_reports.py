@@ -1,6 +1,7 @@
-"""The operator reports `logs`, `stats`, `message show` and `queue status`, each run as a
-real `smtpproxy` process against real PostgreSQL (and Redis), over the installation of
-tests/support/reportworld.py: messages in every status and the attempts that led there.
+"""The operator reports `logs`, `stats`, `message show` and `queue status`, each run
+through the `smtpproxy` command's entry point against real PostgreSQL (and Redis), over
+the installation of tests/support/reportworld.py: messages in every status and the
+attempts that led there.
 
 JSON output is checked value for value, the human output for its key cells, and every
 mistake for a clean exit 1 with one `error:` line. A million-row table checks that the

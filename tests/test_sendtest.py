@@ -1,8 +1,9 @@
-"""`smtpproxy send-test`, run as a real process against smtpproxy running in the test.
+"""`smtpproxy send-test` against smtpproxy running in the test.
 
-Each test starts the command with `python -m smtpproxy send-test ...` in a worker thread
-and checks its exit code and output (replies shown, credentials never) and what reached
-the relay: the rows in `messages` and the stored bodies, attachments byte for byte.
+Each test runs the command (`smtpproxy send-test ...`, its entry point in this process,
+see tests/support/cli.py) in a worker thread and checks its exit code and output (replies
+shown, credentials never) and what reached the relay: the rows in `messages` and the
+stored bodies, attachments byte for byte.
 """
 
 from __future__ import annotations

@@ -11,19 +11,19 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from smtpproxy.config import EMBEDDED, Config, load_config
-from smtpproxy.db import migrate
-from smtpproxy.db.pool import connect
 from smtpproxy.errors import UsageError
-from smtpproxy.runtime import embedded
+
+if TYPE_CHECKING:  # imported by the commands that use them: `--help` stays fast
+    import psycopg
+
+    from smtpproxy.config import Config
 
 console = Console()
 
@@ -46,6 +46,8 @@ def config(ctx: typer.Context) -> Config:
     root = ctx.find_root()
     obj = root.obj if isinstance(root.obj, dict) else {}
     if "config" not in obj:
+        from smtpproxy.config import load_config
+
         obj["config"] = load_config(obj.get("config_path"))
         root.obj = obj
     cfg: Config = obj["config"]
@@ -55,6 +57,10 @@ def config(ctx: typer.Context) -> Config:
 def ensure_schema(cfg: Config) -> str:
     """The database URL, once the schema is current: the embedded database is migrated on
     the spot, a real one must be migrated by the operator (`smtpproxy db migrate`)."""
+    from smtpproxy.config import EMBEDDED
+    from smtpproxy.db import migrate
+    from smtpproxy.runtime import embedded
+
     url = embedded.database_url(cfg)
     timeout = cfg.database.connect_timeout
     pending = migrate.pending(url, connect_timeout=timeout)
@@ -72,6 +78,8 @@ def ensure_schema(cfg: Config) -> str:
 def database(ctx: typer.Context) -> Iterator[psycopg.Connection[Any]]:
     """A connection for one command: committed when the command succeeds, rolled back
     when it fails, so nothing is ever half-written."""
+    from smtpproxy.db.pool import connect
+
     cfg = config(ctx)
     url = ensure_schema(cfg)
     conn = connect(url, connect_timeout=cfg.database.connect_timeout)
@@ -92,6 +100,8 @@ YesOption = typer.Option(
 
 def _db_user(ctx: typer.Context) -> str:
     """The database user the command connects as, for messages."""
+    import psycopg
+
     from smtpproxy.admin.audit import os_user
 
     try:
@@ -106,6 +116,8 @@ def admin_database(ctx: typer.Context, doing: str, role: str) -> Iterator[psycop
     """database(ctx), where a privilege the connected role lacks becomes one line:
     "permission denied: your database role cannot DOING; ask an admin to run
     `smtpproxy db grant --role ROLE USER`"."""
+    import psycopg
+
     from smtpproxy.admin import permission_denied
 
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 
-import psycopg
 import typer
 
 from smtpproxy.cli.common import JsonOption, config, database, done, emit_rows
@@ -100,6 +99,8 @@ def grant(
 
     Example: [bold]smtpproxy db grant --role operator alice[/bold]
     """
+    import psycopg
+
     from smtpproxy import admin
 
     admin.role_name(role.value, role_prefix)  # a bad --role-prefix fails before connecting
@@ -123,6 +124,8 @@ def revoke(
 
     Example: [bold]smtpproxy db revoke --role operator alice[/bold]
     """
+    import psycopg
+
     from smtpproxy import admin
 
     group = admin.role_name(role.value, role_prefix)

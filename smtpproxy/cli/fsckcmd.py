@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from smtpproxy.cli.common import config, console, ensure_schema, error_line
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 def register(app: typer.Typer) -> None:
@@ -113,6 +115,14 @@ class _Reporter:
         self._last: dict[str, int] = {}
         self._quiet = quiet
         if not quiet and sys.stderr.isatty():
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self._bar = Progress(
                 SpinnerColumn(),
                 TextColumn("{task.description}"),

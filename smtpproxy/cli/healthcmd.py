@@ -8,7 +8,6 @@ from typing import Any
 import typer
 
 from smtpproxy.cli.common import JsonOption, config, error_line, say
-from smtpproxy.config import HostPort
 from smtpproxy.errors import UsageError
 
 _LOCAL = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 - mapping, not binding
@@ -19,6 +18,8 @@ def endpoint_url(listen: str) -> str:
     any interface, so loopback is used)."""
     if not listen:
         raise UsageError("health.listen is empty (the endpoint is disabled): pass --url")
+    from smtpproxy.config import HostPort
+
     address = HostPort.parse(listen)
     host = _LOCAL.get(address.host, address.host)
     if ":" in host:

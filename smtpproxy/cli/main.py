@@ -3,13 +3,17 @@
 Commands are thin: they parse arguments, call into smtpproxy, and print. Every
 smtpproxy error becomes one line on stderr and an exit code: 0 ok, 1 failure,
 2 usage or configuration error. No traceback reaches the user.
+
+Starting must stay cheap (`smtpproxy --help` answers at once): the command modules import
+their back end (psycopg, the admin queries, providers, trio) inside the command
+functions, and tests/test_cli_imports.py checks that importing this module does not pull
+them in.
 """
 
 from __future__ import annotations
 
 import sys
 
-import psycopg
 import typer
 
 from smtpproxy.cli import (
@@ -26,7 +30,7 @@ from smtpproxy.cli import (
     reports,
     route,
     runcmd,
-    sendtest,
+    sendtestcmd,
     tenant,
 )
 from smtpproxy.cli.common import error_line
@@ -55,6 +59,10 @@ def _global(
         metavar="PATH",
     ),
 ) -> None:
+    # here, not in main(): `smtpproxy --help` never runs a command, nor loads loguru
+    from smtpproxy.observe import logsetup
+
+    logsetup.configure_cli()  # `run` replaces this with the configured outputs
     ctx.obj = {"config_path": config}
 
 
@@ -62,7 +70,7 @@ runcmd.register(app)
 fsckcmd.register(app)
 reports.register(app)  # logs, stats
 audit.register(app)
-sendtest.register(app)  # send-test
+sendtestcmd.register(app)  # send-test
 healthcmd.register(app)
 app.add_typer(dbcmd.app, name="db")
 app.add_typer(tenant.app, name="tenant")
@@ -75,12 +83,11 @@ app.add_typer(queue.app, name="queue", help="The delivery queue.")
 app.add_typer(dlq.app, name="dlq", help="Dead letters: list, replay, purge.")
 
 
-def main() -> None:
-    from smtpproxy.observe import logsetup
-
-    logsetup.configure_cli()  # `run` replaces this with the configured outputs
+def main(argv: list[str] | None = None) -> None:
+    """The `smtpproxy` script: the command line's arguments, or argv (the arguments
+    after the program name), in this process; ends with SystemExit."""
     try:
-        app()
+        app(args=argv, prog_name="smtpproxy" if argv is not None else None)
     except ConfigError as exc:
         for line in str(exc).splitlines():
             error_line(f"config error: {line}")
@@ -88,12 +95,21 @@ def main() -> None:
     except (SmtpProxyError, ListenError) as exc:
         error_line(f"error: {exc}")
         sys.exit(1)
-    except psycopg.Error as exc:  # one line, not a traceback, even for the unexpected
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        if not _is_database_error(exc):
+            raise
+        # one line, not a traceback, even for the unexpected
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         error_line(f"error: database: {first}")
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+
+
+def _is_database_error(exc: Exception) -> bool:
+    """A psycopg.Error, without importing psycopg for commands that never used it."""
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.Error)
 
 
 if __name__ == "__main__":

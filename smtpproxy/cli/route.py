@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from smtpproxy import admin
 from smtpproxy.cli.common import (
     JsonOption,
     YesOption,
@@ -16,8 +15,6 @@ from smtpproxy.cli.common import (
 )
 
 app = typer.Typer(help="Routing rules: which provider carries which mail.", no_args_is_help=True)
-
-COLUMNS = list(admin.ROUTE_FIELDS)
 
 IdArgument = typer.Argument(..., help="Route id, as `route list` shows it.")
 
@@ -77,7 +74,7 @@ def list_(
 
     with admin_database(ctx, "list routes", "viewer") as conn:
         rows = admin.list_routes(conn, tenant)
-    emit_rows(rows, COLUMNS, as_json, title="routes")
+    emit_rows(rows, list(admin.ROUTE_FIELDS), as_json, title="routes")
 
 
 @app.command()
@@ -90,7 +87,7 @@ def show(ctx: typer.Context, route_id: int = IdArgument, as_json: bool = JsonOpt
 
     with admin_database(ctx, "read routes", "viewer") as conn:
         row = admin.route(conn, route_id)
-    emit_object({c: row[c] for c in [*COLUMNS, "created_at"]}, as_json)
+    emit_object({c: row[c] for c in [*admin.ROUTE_FIELDS, "created_at"]}, as_json)
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 It speaks SMTP to any server (this relay or another) with smtplib, prints every reply and
 where the time went, and for --count > 1 sums the run up. Blocking I/O is fine here: the
-CLI is not trio. The pure parts (message, replies, summary) are in smtpproxy.ops.sendtest.
+CLI is not trio. The pure parts (message, replies, summary) are in smtpproxy.ops.sendtest;
+the options are smtpproxy.cli.sendtestcmd, which imports this module when the command runs.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from email.utils import formatdate
-from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import typer
 from rich.text import Text
 
-from smtpproxy.cli.common import JsonOption, config, console, read_secret
-from smtpproxy.config import Config
+from smtpproxy.cli.common import config, console, read_secret
+from smtpproxy.cli.sendtestcmd import SMTPPROXY_PORT, SMTPS_PORT, AuthMechanism, TlsMode
 from smtpproxy.errors import UsageError
 from smtpproxy.ops.sendtest import (
     Outcome,
@@ -39,23 +40,12 @@ from smtpproxy.ops.sendtest import (
     wire_data,
 )
 
-SMTPPROXY_PORT = 2525  # smtpproxy's default smtp.listen
-SMTPS_PORT = 465
-DEFAULT_SUBJECT = "smtpproxy send-test"
+if TYPE_CHECKING:
+    from smtpproxy.config import Config
+
 HIDDEN = "********"
 
 Line = Callable[[str, str], None]  # (kind, text): kind "C" sent, "S" received, "*" note
-
-
-class TlsMode(StrEnum):
-    starttls = "starttls"
-    implicit = "implicit"
-    none = "none"
-
-
-class AuthMechanism(StrEnum):
-    plain = "plain"
-    login = "login"
 
 
 @attrs.frozen
@@ -513,149 +503,76 @@ def _own_listener(cfg: Config, tls: TlsMode, port: int | None) -> tuple[str, int
     return host, port or first.port
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("send-test")
-    def send_test(
-        ctx: typer.Context,
-        sender: str = typer.Option(
-            ..., "--from", metavar="ADDRESS", help="Sender (MAIL FROM and From:)."
-        ),
-        to: list[str] = typer.Option(
-            ..., "--to", metavar="ADDRESS", help="Recipient; repeat for more."
-        ),
-        host: str | None = typer.Option(
-            None,
-            "--host",
-            help="Server to connect to \\[default: this smtpproxy's first smtp.listen "
-            "address, or smtp.tls_listen with --tls implicit].",
-            show_default=False,
-        ),
-        port: int | None = typer.Option(
-            None,
-            "--port",
-            min=1,
-            max=65535,
-            help="Server port \\[default: the smtp.listen port without --host; with --host "
-            f"{SMTPPROXY_PORT}, {SMTPS_PORT} with --tls implicit].",
-            show_default=False,
-        ),
-        tls: TlsMode = typer.Option(
-            TlsMode.starttls,
-            "--tls",
-            help="starttls: upgrade after EHLO; implicit: TLS from the first byte (SMTPS); "
-            "none: plain text.",
-        ),
-        insecure: bool = typer.Option(
-            False, "--insecure", help="Do not verify the server certificate (testing only)."
-        ),
-        ca_file: Path | None = typer.Option(
-            None,
-            "--ca-file",
-            exists=True,
-            dir_okay=False,
-            metavar="PEM",
-            help="Trust this CA (or self-signed) certificate instead of the system's.",
-        ),
-        user: str | None = typer.Option(
-            None, "--user", help="Authenticate as this user (no AUTH without it)."
-        ),
-        password_stdin: bool = typer.Option(
-            False, "--password-stdin", help="Read the --user password from standard input."
-        ),
-        auth: AuthMechanism | None = typer.Option(
-            None, "--auth", help="AUTH mechanism \\[default: plain]."
-        ),
-        subject: str = typer.Option(DEFAULT_SUBJECT, "--subject"),
-        body: str | None = typer.Option(
-            None, "--body", help="Text body \\[default: a line saying from where and when]."
-        ),
-        html: str | None = typer.Option(
-            None, "--html", help="An HTML body, sent as an alternative to the text."
-        ),
-        attach: list[Path] | None = typer.Option(
-            None,
-            "--attach",
-            exists=True,
-            dir_okay=False,
-            metavar="FILE",
-            help="Attach a file (content type guessed from its name); repeat for more.",
-        ),
-        count: int = typer.Option(
-            1, "--count", min=1, help="Messages to send, each in its own session."
-        ),
-        rate: float | None = typer.Option(
-            None, "--rate", metavar="MSGS/S", help="Start at most this many messages a second."
-        ),
-        timeout: float = typer.Option(
-            30.0, "--timeout", metavar="SECONDS", help="Give up on a silent server after this."
-        ),
-        as_json: bool = JsonOption,
-    ) -> None:
-        """Send test messages through an SMTP server and show how it went.
+def send_test(
+    ctx: typer.Context,
+    *,
+    sender: str,
+    to: list[str],
+    host: str | None,
+    port: int | None,
+    tls: TlsMode,
+    insecure: bool,
+    ca_file: Path | None,
+    user: str | None,
+    password_stdin: bool,
+    auth: AuthMechanism | None,
+    subject: str,
+    body: str | None,
+    html: str | None,
+    attach: list[Path] | None,
+    count: int,
+    rate: float | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """`smtpproxy send-test` once its options are parsed (smtpproxy.cli.sendtestcmd)."""
+    _check_options(
+        rate=rate,
+        timeout=timeout,
+        auth=auth,
+        user=user,
+        tls=tls,
+        verify_options=insecure or ca_file is not None,
+    )
+    envelope_from = _address(sender, "--from")
+    recipients = tuple(_address(r, "--to") for r in to)
+    attachments = _read_attachments(attach or [])
+    password = _password(user, password_stdin)
+    if host is None:
+        host, port = _own_listener(config(ctx), tls, port)
+    target = Target(
+        host=host,
+        port=port or (SMTPS_PORT if tls is TlsMode.implicit else SMTPPROXY_PORT),
+        tls=tls,
+        context=None if tls is TlsMode.none else _client_context(insecure, ca_file),
+        verified=not insecure,
+        timeout=timeout,
+        ehlo_name=socket.gethostname() or "localhost",
+        user=user,
+        password=password,
+        mechanism=auth or AuthMechanism.plain,
+        sender=envelope_from,
+        recipients=recipients,
+    )
+    text = body
+    if text is None:
+        when = formatdate(localtime=True)
+        text = f"A test message from smtpproxy send-test on {target.ehlo_name}, {when}.\n"
 
-        One message: every command and reply, then the time spent connecting, on TLS,
-        on AUTH and from DATA to the 250. More (--count): a line per message, then a
-        summary: sent, accepted, refused by reply code, msgs/s, latency p50/p95/max.
-
-        Exit status: 0 when every message got a 250, 1 otherwise (the output says why),
-        2 for a usage error. The password is read from standard input, never the
-        command line, and never shown.
-
-        Examples:
-
-        [bold]echo "$PW" | smtpproxy send-test --user app --password-stdin --from me@example.com --to you@example.org[/bold]
-
-        [bold]smtpproxy send-test --host mail.example.com --port 587 --user app --password-stdin --auth login --from me@example.com --to you@example.org --html '<p>Hi</p>' --attach report.pdf < pw.txt[/bold]
-
-        [bold]smtpproxy send-test --insecure --user app --password-stdin --from me@example.com --to you@example.org --count 200 --rate 20 --json < pw.txt[/bold]
-        """  # noqa: E501
-        _check_options(
-            rate=rate,
-            timeout=timeout,
-            auth=auth,
-            user=user,
-            tls=tls,
-            verify_options=insecure or ca_file is not None,
+    def make(number: int) -> tuple[bytes, str]:
+        message = build_message(
+            sender=sender,
+            recipients=to,
+            subject=subject if count == 1 else f"{subject} [{number}/{count}]",
+            text=text,
+            html=html,
+            attachments=attachments,
         )
-        envelope_from = _address(sender, "--from")
-        recipients = tuple(_address(r, "--to") for r in to)
-        attachments = _read_attachments(attach or [])
-        password = _password(user, password_stdin)
-        if host is None:
-            host, port = _own_listener(config(ctx), tls, port)
-        target = Target(
-            host=host,
-            port=port or (SMTPS_PORT if tls is TlsMode.implicit else SMTPPROXY_PORT),
-            tls=tls,
-            context=None if tls is TlsMode.none else _client_context(insecure, ca_file),
-            verified=not insecure,
-            timeout=timeout,
-            ehlo_name=socket.gethostname() or "localhost",
-            user=user,
-            password=password,
-            mechanism=auth or AuthMechanism.plain,
-            sender=envelope_from,
-            recipients=recipients,
-        )
-        text = body
-        if text is None:
-            when = formatdate(localtime=True)
-            text = f"A test message from smtpproxy send-test on {target.ehlo_name}, {when}.\n"
+        return message.as_bytes(), str(message["Message-ID"])
 
-        def make(number: int) -> tuple[bytes, str]:
-            message = build_message(
-                sender=sender,
-                recipients=to,
-                subject=subject if count == 1 else f"{subject} [{number}/{count}]",
-                text=text,
-                html=html,
-                attachments=attachments,
-            )
-            return message.as_bytes(), str(message["Message-ID"])
-
-        run = _run(target, count, rate, make, as_json)
-        summary = _report(run, target, count, as_json)
-        if run.interrupted:
-            raise typer.Exit(130)
-        if not summary.ok or run.stopped:
-            raise typer.Exit(1)
+    run = _run(target, count, rate, make, as_json)
+    summary = _report(run, target, count, as_json)
+    if run.interrupted:
+        raise typer.Exit(130)
+    if not summary.ok or run.stopped:
+        raise typer.Exit(1)

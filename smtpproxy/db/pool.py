@@ -8,20 +8,28 @@ DatabaseUnavailable; programming errors (bad SQL) are left to crash loudly.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
-import psycopg_pool
 
 from smtpproxy.errors import DatabaseUnavailable
-from smtpproxy.runtime.threads import Offload
+
+if TYPE_CHECKING:
+    from smtpproxy.runtime.threads import Offload
 
 T = TypeVar("T")
 
-# errors that mean "the server is not reachable or the connection broke": retry later
-_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
+
+def _unavailable() -> tuple[type[Exception], ...]:
+    """The errors that mean "the server is not reachable or the connection broke": retry
+    later. psycopg_pool's PoolTimeout only once a pool exists (a CLI command's single
+    connection does not import psycopg_pool)."""
+    pool = sys.modules.get("psycopg_pool")
+    timeout: tuple[type[Exception], ...] = (pool.PoolTimeout,) if pool is not None else ()
+    return (psycopg.OperationalError, psycopg.InterfaceError, *timeout)
 
 
 # a connection as the adapters hand it out (rows as tuples unless a cursor says dict_row)
@@ -38,7 +46,7 @@ def describe_unavailable(exc: BaseException) -> str:
 def mapped_errors() -> Iterator[None]:
     try:
         yield
-    except _UNAVAILABLE as exc:
+    except _unavailable() as exc:
         raise DatabaseUnavailable(describe_unavailable(exc)) from exc
 
 
@@ -54,6 +62,8 @@ class Database:
         connect_timeout: float = 5.0,
         name: str = "smtpproxy",
     ) -> None:
+        import psycopg_pool
+
         self.url = url
         self._pool = psycopg_pool.ConnectionPool(
             url,
@@ -67,7 +77,10 @@ class Database:
             kwargs={"connect_timeout": max(1, int(connect_timeout)), "application_name": name},
             reconnect_timeout=0,  # keep trying forever; callers see DatabaseUnavailable
         )
-        self.offload = Offload("postgresql", max_size)
+        # the service's thread slots; a CLI command's single connect() never loads trio
+        from smtpproxy.runtime.threads import Offload
+
+        self.offload: Offload = Offload("postgresql", max_size)
 
     def open(self) -> None:
         # do not wait: a database that is down at start must not stop the service

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 import attrs
 from loguru import logger
 
-from smtpproxy.config import Config
 from smtpproxy.errors import ConfigError
 
 if TYPE_CHECKING:
+    from smtpproxy.config import Config
     from smtpproxy.observe.cloudwatch import CloudWatchSink, CloudWatchStats
 
 MASK = "********"

@@ -1,8 +1,15 @@
-"""Provider types by name, and building a provider from its spec."""
+"""Provider types by name, and building a provider from its spec.
+
+A provider's module (and what it needs: boto3 for SES, the Graph token client, ...) is
+imported when a provider of that type is first used, not when this package is: the CLI
+and the tests that never deliver do not pay for every provider's imports.
+"""
 
 from __future__ import annotations
 
-from smtpproxy.delivery.providers import file, mailgun, msgraph, postmark, sendgrid, ses, smtp
+import importlib
+from collections.abc import Iterator, Mapping
+
 from smtpproxy.delivery.providers.base import (
     Delivery,
     Paced,
@@ -12,18 +19,37 @@ from smtpproxy.delivery.providers.base import (
     ProviderType,
 )
 
-TYPES: dict[str, ProviderType] = {
-    t.name: t
-    for t in (
-        file.TYPE,
-        sendgrid.TYPE,
-        ses.TYPE,
-        mailgun.TYPE,
-        msgraph.TYPE,
-        postmark.TYPE,
-        smtp.TYPE,
-    )
+# type name -> the module (in this package) whose TYPE it is
+_MODULES = {
+    "file": "file",
+    "sendgrid": "sendgrid",
+    "ses": "ses",
+    "mailgun": "mailgun",
+    "msgraph": "msgraph",
+    "postmark": "postmark",
+    "smtp": "smtp",
 }
+
+
+class _Types(Mapping[str, ProviderType]):
+    """The provider types by name; a type's module is imported on first lookup."""
+
+    def __getitem__(self, name: str) -> ProviderType:
+        module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+        ptype: ProviderType = module.TYPE
+        return ptype
+
+    def __contains__(self, name: object) -> bool:
+        return name in _MODULES  # Mapping's own would import the module
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_MODULES)
+
+    def __len__(self) -> int:
+        return len(_MODULES)
+
+
+TYPES: Mapping[str, ProviderType] = _Types()
 
 __all__ = [
     "TYPES",
