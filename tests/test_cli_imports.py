@@ -15,7 +15,7 @@ import pytest
 # what no command needs before it runs, and --help never needs
 BACK_ENDS = (
     *("psycopg", "psycopg_pool", "trio", "redis", "loguru", "cattrs", "smtplib"),
-    *("smtpproxy.admin", "smtpproxy.config", "smtpproxy.cli.sendtest"),
+    *("smtpproxy.admin", "smtpproxy.config", "smtpproxy.cli.send_test_client"),
 )
 PROVIDER_LIBRARIES = ("boto3", "botocore", "httpx", "h11", "cryptography")
 PROVIDER_MODULES = tuple(

@@ -19,18 +19,18 @@ import typer
 from smtpproxy.cli import (
     account,
     audit,
-    dbcmd,
+    db,
     device,
     dlq,
-    fsckcmd,
-    healthcmd,
+    fsck_storage,
+    health,
     message,
     provider,
     queue,
     reports,
     route,
-    runcmd,
-    sendtestcmd,
+    run,
+    send_test,
     tenant,
 )
 from smtpproxy.cli.common import error_line
@@ -66,13 +66,13 @@ def _global(
     ctx.obj = {"config_path": config}
 
 
-runcmd.register(app)
-fsckcmd.register(app)
+run.register(app)
+fsck_storage.register(app)
 reports.register(app)  # logs, stats
 audit.register(app)
-sendtestcmd.register(app)  # send-test
-healthcmd.register(app)
-app.add_typer(dbcmd.app, name="db")
+send_test.register(app)  # send-test
+health.register(app)
+app.add_typer(db.app, name="db")
 app.add_typer(tenant.app, name="tenant")
 app.add_typer(account.app, name="account")
 app.add_typer(provider.app, name="provider")

@@ -1,5 +1,5 @@
 """`smtpproxy send-test`: its options. The command itself (smtplib, TLS, the report) is
-smtpproxy.cli.sendtest, imported when the command runs: `smtpproxy --help` does not pay
+smtpproxy.cli.send_test_client, imported when the command runs: `smtpproxy --help` does not pay
 for it."""
 
 from __future__ import annotations
@@ -123,9 +123,9 @@ def register(app: typer.Typer) -> None:
 
         [bold]smtpproxy send-test --insecure --user app --password-stdin --from me@example.com --to you@example.org --count 200 --rate 20 --json < pw.txt[/bold]
         """  # noqa: E501
-        from smtpproxy.cli import sendtest
+        from smtpproxy.cli import send_test_client
 
-        sendtest.send_test(
+        send_test_client.send_test(
             ctx,
             sender=sender,
             to=to,

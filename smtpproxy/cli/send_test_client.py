@@ -3,7 +3,7 @@
 It speaks SMTP to any server (this relay or another) with smtplib, prints every reply and
 where the time went, and for --count > 1 sums the run up. Blocking I/O is fine here: the
 CLI is not trio. The pure parts (message, replies, summary) are in smtpproxy.ops.sendtest;
-the options are smtpproxy.cli.sendtestcmd, which imports this module when the command runs.
+the options are smtpproxy.cli.send_test, which imports this module when the command runs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import typer
 from rich.text import Text
 
 from smtpproxy.cli.common import config, console, read_secret
-from smtpproxy.cli.sendtestcmd import SMTPPROXY_PORT, SMTPS_PORT, AuthMechanism, TlsMode
+from smtpproxy.cli.send_test import SMTPPROXY_PORT, SMTPS_PORT, AuthMechanism, TlsMode
 from smtpproxy.errors import UsageError
 from smtpproxy.ops.sendtest import (
     Outcome,
@@ -525,7 +525,7 @@ def send_test(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """`smtpproxy send-test` once its options are parsed (smtpproxy.cli.sendtestcmd)."""
+    """`smtpproxy send-test` once its options are parsed (smtpproxy.cli.send_test)."""
     _check_options(
         rate=rate,
         timeout=timeout,

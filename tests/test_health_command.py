@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from smtpproxy.cli.healthcmd import endpoint_url
+from smtpproxy.cli.health import endpoint_url
 from smtpproxy.errors import UsageError
 from tests.support.cli import as_json, fails, ok, run_cli
 from tests.support.process import SmtpProxyProcess, write_config
