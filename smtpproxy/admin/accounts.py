@@ -16,15 +16,13 @@ from smtpproxy.admin.common import (
     changed,
     insert,
     no_confirm,
-    one,
     plural,
-    rows,
     set_status,
 )
 from smtpproxy.admin.tenants import (
     tenant,
 )
-from smtpproxy.db.pool import Conn
+from smtpproxy.db.pool import Conn, one, rows
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import ConflictError, NotFoundError, UsageError
 from smtpproxy.ingress.limits import Rate

@@ -6,9 +6,8 @@ from datetime import datetime
 
 from smtpproxy.admin.common import (
     Row,
-    rows,
 )
-from smtpproxy.db.pool import Conn
+from smtpproxy.db.pool import Conn, rows
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import UsageError
 

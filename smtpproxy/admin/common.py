@@ -8,7 +8,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from smtpproxy.admin import audit
 from smtpproxy.db.pool import Conn
@@ -20,16 +19,6 @@ Confirm = Callable[[str], None]
 
 CHANNEL = "smtpproxy_config"
 TENANT, ACCOUNT, PROVIDER, ROUTE = "tenant", "account", "provider", "route"
-
-
-def one(conn: Conn, query: Any, params: Any) -> Row | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(query, params).fetchone()
-
-
-def rows(conn: Conn, query: Any, params: Any) -> list[Row]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(query, params).fetchall()
 
 
 class Unset(enum.Enum):

@@ -15,14 +15,12 @@ from smtpproxy.admin.common import (
     changed,
     insert,
     no_confirm,
-    one,
     plural,
-    rows,
 )
 from smtpproxy.admin.tenants import (
     tenant,
 )
-from smtpproxy.db.pool import Conn
+from smtpproxy.db.pool import Conn, one, rows
 from smtpproxy.db.queries import Q
 from smtpproxy.delivery import providers
 from smtpproxy.errors import ConflictError, NotFoundError, UsageError

@@ -15,8 +15,6 @@ from smtpproxy.admin.common import (
     changed,
     insert,
     no_confirm,
-    one,
-    rows,
 )
 from smtpproxy.admin.providers import (
     provider,
@@ -24,7 +22,7 @@ from smtpproxy.admin.providers import (
 from smtpproxy.admin.tenants import (
     tenant,
 )
-from smtpproxy.db.pool import Conn
+from smtpproxy.db.pool import Conn, one, rows
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import NotFoundError, UsageError
 from smtpproxy.mail.domains import GlobError, validate_glob

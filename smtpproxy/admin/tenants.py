@@ -15,12 +15,10 @@ from smtpproxy.admin.common import (
     changed,
     insert,
     no_confirm,
-    one,
     plural,
-    rows,
     set_status,
 )
-from smtpproxy.db.pool import Conn
+from smtpproxy.db.pool import Conn, one, rows
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import ConflictError, NotFoundError, UsageError
 

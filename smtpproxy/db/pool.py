@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
+from psycopg.rows import dict_row
 
 from smtpproxy.errors import DatabaseUnavailable
 
@@ -34,6 +35,18 @@ def _unavailable() -> tuple[type[Exception], ...]:
 
 # a connection as the adapters hand it out (rows as tuples unless a cursor says dict_row)
 Conn = psycopg.Connection[Any]
+
+
+def one(conn: Conn, query: Any, params: Any) -> dict[str, Any] | None:
+    """The first row of a query as a dict (None: no row)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query, params).fetchone()
+
+
+def rows(conn: Conn, query: Any, params: Any) -> list[dict[str, Any]]:
+    """Every row of a query as a dict."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query, params).fetchall()
 
 
 def describe_unavailable(exc: BaseException) -> str:

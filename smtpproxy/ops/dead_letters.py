@@ -15,12 +15,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from psycopg.rows import dict_row
-
 from smtpproxy import admin, models
 from smtpproxy.admin import audit
 from smtpproxy.config import Config, ConfigValueError, parse_duration
-from smtpproxy.db.pool import Conn
+from smtpproxy.db.pool import Conn, rows
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import NotFoundError, QueueUnavailable, UsageError
 from smtpproxy.queue.streams import Streams, connect
@@ -73,8 +71,7 @@ def select(
         "reason": reason,
         "limit": limit,
     }
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(Q.dlq_select, params).fetchall()
+    return rows(conn, Q.dlq_select, params)
 
 
 def chosen(conn: Conn, ids: Sequence[str] | None, limit: int, **filters: str | None) -> list[Row]:
@@ -82,7 +79,7 @@ def chosen(conn: Conn, ids: Sequence[str] | None, limit: int, **filters: str | N
     those the filters select; with neither, nothing (refused)."""
     if not ids and not any(filters.values()):
         raise UsageError("name message ids or give a filter (--tenant, --since, ...)")
-    rows = select(
+    found = select(
         conn,
         ids=ids,
         limit=limit,
@@ -93,10 +90,10 @@ def chosen(conn: Conn, ids: Sequence[str] | None, limit: int, **filters: str | N
         status=filters.get("status"),
     )
     if ids:
-        missing = sorted(set(ids) - {r["id"] for r in rows})
+        missing = sorted(set(ids) - {r["id"] for r in found})
         if missing:
             raise UsageError(f"not dead letters: {', '.join(missing)}")
-    return rows
+    return found
 
 
 def retryable(rows: list[Row]) -> tuple[list[Row], list[str]]:

@@ -13,11 +13,10 @@ from typing import Any
 
 import attrs
 import redis
-from psycopg.rows import dict_row
 
 from smtpproxy import admin
 from smtpproxy.config import Config
-from smtpproxy.db.pool import Conn
+from smtpproxy.db.pool import Conn, rows
 from smtpproxy.db.queries import Q
 from smtpproxy.errors import NotFoundError, UnavailableError, UsageError
 from smtpproxy.ops.reports import (
@@ -47,11 +46,6 @@ def utc_session(conn: Conn) -> datetime:
     assert row is not None
     now: datetime = row[0]
     return now
-
-
-def rows(conn: Conn, query: Any, params: Any) -> list[Row]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(query, params).fetchall()
 
 
 def resolve_filters(
