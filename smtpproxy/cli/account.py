@@ -16,6 +16,7 @@ from smtpproxy.cli.common import (
     done,
     emit_object,
     emit_rows,
+    now_or_already,
     read_secret,
     say,
 )
@@ -183,15 +184,7 @@ def _set_status(ctx: typer.Context, username: str, status: str, as_json: bool) -
     with admin_database(ctx, f"{verb} accounts", "operator") as conn:
         changed = admin.set_account_status(conn, username, status)
     word = "disabled" if status == "disabled" else "active"
-    done(
-        f"account {username} is now {word}"
-        if changed
-        else f"account {username} was already {word}",
-        as_json,
-        username=username,
-        status=status,
-        changed=changed,
-    )
+    now_or_already(f"account {username}", word, changed, as_json, username=username, status=status)
 
 
 @app.command()

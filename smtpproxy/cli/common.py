@@ -219,3 +219,10 @@ def done(message: str, as_json: bool = False, **data: Any) -> None:
         print(json.dumps(_plain(data), indent=2))
     else:
         say(message)
+
+
+def now_or_already(what: str, word: str, changed: bool, as_json: bool, **data: Any) -> None:
+    """The answer to an enable, disable, suspend or resume: `<what> is now <word>`, or
+    that it already was (JSON: the data and whether it changed)."""
+    sentence = f"{what} is now {word}" if changed else f"{what} was already {word}"
+    done(sentence, as_json, **data, changed=changed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from smtpproxy.cli.common import JsonOption, admin_database, done, emit_rows
+from smtpproxy.cli.common import JsonOption, admin_database, done, emit_rows, now_or_already
 
 app = typer.Typer(
     help="Devices that cannot log in: networks that send as an account, without AUTH, "
@@ -70,13 +70,7 @@ def _set_enabled(ctx: typer.Context, name: str, enabled: bool, as_json: bool) ->
     with admin_database(ctx, f"{verb} devices", "operator") as conn:
         changed = admin_devices.set_device_enabled(conn, name, enabled)
     word = "enabled" if enabled else "disabled"
-    done(
-        f"device {name} is now {word}" if changed else f"device {name} was already {word}",
-        as_json,
-        name=name,
-        enabled=enabled,
-        changed=changed,
-    )
+    now_or_already(f"device {name}", word, changed, as_json, name=name, enabled=enabled)
 
 
 @app.command()

@@ -16,6 +16,7 @@ from smtpproxy.cli.common import (
     done,
     emit_object,
     emit_rows,
+    now_or_already,
     read_secret,
     say,
 )
@@ -195,15 +196,14 @@ def _set_enabled(ctx: typer.Context, name: str, tenant: str, enabled: bool, as_j
     with admin_database(ctx, f"{verb} providers", "operator") as conn:
         changed = admin.set_provider_enabled(conn, tenant, name, enabled)
     word = "enabled" if enabled else "disabled"
-    done(
-        f"provider {name} of tenant {tenant} is now {word}"
-        if changed
-        else f"provider {name} of tenant {tenant} was already {word}",
+    now_or_already(
+        f"provider {name} of tenant {tenant}",
+        word,
+        changed,
         as_json,
         name=name,
         tenant=tenant,
         enabled=enabled,
-        changed=changed,
     )
 
 

@@ -12,6 +12,7 @@ from smtpproxy.cli.common import (
     done,
     emit_object,
     emit_rows,
+    now_or_already,
 )
 
 app = typer.Typer(
@@ -120,13 +121,7 @@ def _set_status(ctx: typer.Context, name: str, status: str, as_json: bool) -> No
     with admin_database(ctx, f"{verb} tenants", "admin") as conn:
         changed = admin.set_tenant_status(conn, name, status)
     word = "suspended" if status == "suspended" else "active"
-    done(
-        f"tenant {name} is now {word}" if changed else f"tenant {name} was already {word}",
-        as_json,
-        name=name,
-        status=status,
-        changed=changed,
-    )
+    now_or_already(f"tenant {name}", word, changed, as_json, name=name, status=status)
 
 
 @app.command()
