@@ -26,7 +26,6 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
 from urllib.parse import quote
 
 import attrs
@@ -174,19 +173,11 @@ class App:
         return text.replace(self.secret, "***") if self.secret else text
 
 
-def _json(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def classify_token(status: int, headers: Mapping[str, str], text: str) -> Outcome:
     """A failed token request: the identity platform's errors (invalid_client,
     unauthorized_client, invalid_scope, AADSTS codes) are permanent, except
     temporarily_unavailable; 408, 429 and 5xx retry."""
-    body = _json(text)
+    body = http.json_object(text)
     error = str(body.get("error") or "")
     description = str(body.get("error_description") or "").splitlines()
     first = description[0].strip() if description else ""
@@ -199,7 +190,7 @@ def classify_token(status: int, headers: Mapping[str, str], text: str) -> Outcom
 
 def parse_token(text: str) -> tuple[str, float] | None:
     """(access_token, expires_in seconds) of a token answer, None when it has none."""
-    body = _json(text)
+    body = http.json_object(text)
     token = body.get("access_token")
     kind = str(body.get("token_type") or "Bearer")
     try:

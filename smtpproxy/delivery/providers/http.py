@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import json
 import secrets
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from smtpproxy.delivery.providers.http11 import Client, Response, Timeout, TransportError
 from smtpproxy.models import Outcome
@@ -108,6 +110,15 @@ def transport_failure(exc: TransportError) -> Outcome:
     if isinstance(exc, Timeout):
         return Outcome.retry(f"timeout: {exc}")
     return Outcome.retry(f"connection error: {exc}")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """An answer's JSON object; {} when the body is not JSON or not an object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def short(text: str, limit: int = 300) -> str:

@@ -125,17 +125,9 @@ ACCESS_DENIED = (
 # ---------------------------------------------------------------------------- answers
 
 
-def _json(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _graph_error(text: str) -> tuple[str, str]:
     """(code, message) of Graph's {"error": {"code", "message"}} body."""
-    error = _json(text).get("error")
+    error = http.json_object(text).get("error")
     if not isinstance(error, dict):
         return "", http.short(text)
     return str(error.get("code") or ""), http.short(str(error.get("message") or ""))
@@ -401,7 +393,7 @@ class GraphProvider:
             return answer
         if answer.response.status != 201:
             return self._step_failed("creating the draft", answer.response, mailbox)
-        created = _json(answer.response.text)
+        created = http.json_object(answer.response.text)
         draft_id = str(created.get("id") or "")
         if not draft_id:
             return Outcome.retry("creating the draft: HTTP 201 without a message id")
@@ -458,7 +450,7 @@ class GraphProvider:
             return answer
         if answer.response.status != 201:
             return self._step_failed("creating an upload session", answer.response, mailbox)
-        upload_url = str(_json(answer.response.text).get("uploadUrl") or "")
+        upload_url = str(http.json_object(answer.response.text).get("uploadUrl") or "")
         if not upload_url.startswith(("https://", "http://")):
             return Outcome.retry("creating an upload session: no uploadUrl in the answer")
         return await self._upload(upload_url, attachment.content)
