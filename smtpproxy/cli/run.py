@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         cfg = process_config(config(ctx), role)
         heap.pin_mmap_threshold()  # before any thread starts
         logsetup.configure(cfg)
-        if cfg.run.processes > 1:  # which process wrote a line
+        if not (role.primary and cfg.run.processes == 1):  # which process wrote a line
             logger.configure(extra={"worker": role.index})
         trio.run(run_until_signalled, cfg, role)
 

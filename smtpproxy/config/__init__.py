@@ -258,11 +258,21 @@ class SecurityConfig:
     secret_key_file: str = ""  # default: <data_dir>/secret.key, created 0600 on first use
 
 
+def default_delivery_processes(cpus: int | None = None) -> int:
+    """run.delivery_processes when the config does not say: one delivery process
+    beside the SMTP process where there is a second core for it."""
+    return 1 if (cpus if cpus is not None else os.cpu_count() or 1) >= 2 else 0
+
+
 @attrs.frozen
 class RunConfig:
-    # processes `smtpproxy run` serves with (each uses a core): the first starts the
-    # others; they share the SMTP ports (SO_REUSEPORT) and all deliver (workers.py)
+    # processes `smtpproxy run` serves SMTP with (each uses a core): the first starts the
+    # others; they share the SMTP ports (SO_REUSEPORT) (workers.py)
     processes: int = 1
+    # processes that only deliver, started by the first one too; with 0 every SMTP
+    # process delivers as well. Default: 1 on a machine with two or more cores (ingest
+    # and delivery then each have an interpreter of their own), else 0
+    delivery_processes: int = attrs.field(factory=default_delivery_processes)
 
 
 @attrs.frozen
@@ -496,6 +506,8 @@ def _device_listeners(smtp: SmtpConfig) -> list[str]:
 def _processes(cfg: Config) -> list[str]:
     if not 1 <= cfg.run.processes <= MAX_PROCESSES:
         return [f"run.processes: expected 1 to {MAX_PROCESSES}"]
+    if not 0 <= cfg.run.delivery_processes <= MAX_PROCESSES:
+        return [f"run.delivery_processes: expected 0 to {MAX_PROCESSES}"]
     if cfg.run.processes == 1:
         return []
     return [

@@ -197,7 +197,9 @@ class Scraper:
         others = await self.others()
         chunks.append(
             metrics.sample(
-                "smtpproxy_processes", "Processes serving (run.processes).", 1 + len(others)
+                "smtpproxy_processes",
+                "Processes serving (run.processes + run.delivery_processes).",
+                1 + len(others),
             )
         )
         return metrics.merge(metrics.render(chunks).decode(), others).encode()

@@ -28,13 +28,20 @@ from smtpproxy.delivery.retry import RetryPolicy
 from smtpproxy.delivery.scheduler import run_checker, run_reconciler, run_scheduler
 from smtpproxy.errors import DatabaseUnavailable
 from smtpproxy.ingress.gate import Gate
-from smtpproxy.ingress.server import run_ingress
+from smtpproxy.ingress.server import IngressHandle, run_ingress
 from smtpproxy.observe.health import HealthState, run_health
 from smtpproxy.observe.scrape import Scraper
 from smtpproxy.runtime.reload import run_reload
 from smtpproxy.runtime.resources import Resources, open_resources
 from smtpproxy.runtime.supervise import Backoff, supervise
-from smtpproxy.runtime.workers import Role, Workers, follow_primary, report_ready
+from smtpproxy.runtime.workers import (
+    Role,
+    Workers,
+    delivers_here,
+    follow_primary,
+    report_ready,
+    worker_roles,
+)
 
 PRIMARY = Role()
 
@@ -111,14 +118,15 @@ def banner(cfg: Config) -> None:
 
 
 async def _start_delivery(
-    nursery: trio.Nursery, res: Resources, consumer: Consumer, role: Role
+    nursery: trio.Nursery, res: Resources, consumer: Consumer, role: Role, delivers: bool
 ) -> None:
-    """The consumer in every process; the scheduler, reconciler and storage check in
-    the primary only."""
+    """The consumer in every process that delivers (workers.delivers_here); the
+    scheduler, reconciler and storage check in the primary only."""
     if not res.cfg.delivery.enabled:
         logger.info("delivery.enabled = false: this instance only accepts mail")
         return
-    await nursery.start(supervise, "consumer", consumer.run)
+    if delivers:
+        await nursery.start(supervise, "consumer", consumer.run)
     if role.primary:
         await nursery.start(supervise, "scheduler", lambda: run_scheduler(res))
         await nursery.start(supervise, "reconciler", lambda: run_reconciler(res))
@@ -134,7 +142,9 @@ async def serve(
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until stop is set, then drain. The primary (the only process unless
-    run.processes > 1) also runs the scheduler, the reconciler and the storage check."""
+    run.processes > 1 or run.delivery_processes > 0) also runs the scheduler, the
+    reconciler and the storage check; a delivery process (role.delivery_only) has no
+    SMTP listener."""
     banner(cfg)
     res = await trio.to_thread.run_sync(open_resources, cfg)
     pool = directory.ProviderPool()
@@ -150,15 +160,18 @@ async def serve(
                 "config-reload",
                 lambda: run_reload(res, holder, pool, subscribers=forget),
             )
-            ingress = await nursery.start(partial(run_ingress, res, directory=holder))
-            forget.append(ingress.authenticator.forget)
-            health.checks["queue"] = _backlog_check(ingress.gate)
-            scraper = Scraper(res, ingress.gate, consumer.health)
+            ingress = None
+            if not role.delivery_only:
+                ingress = await nursery.start(partial(run_ingress, res, directory=holder))
+                forget.append(ingress.authenticator.forget)
+                health.checks["queue"] = _backlog_check(ingress.gate)
+            scraper = Scraper(res, ingress.gate if ingress else None, consumer.health)
             health.metrics, health.process_metrics = scraper.render, scraper.render_local
             if workers is not None:
                 health.checks["workers"] = workers.check
                 scraper.others = workers.metrics
-            await _start_delivery(nursery, res, consumer, role)
+            delivers = delivers_here(role, cfg, workers)
+            await _start_delivery(nursery, res, consumer, role, delivers)
             health_bound = None
             if cfg.health.listen:
                 health_bound = await nursery.start(
@@ -166,7 +179,11 @@ async def serve(
                 )
             health.listening = True
             task_status.started(
-                Running(smtp=ingress.bound, health=health_bound, reload_tls=ingress.reload_tls)
+                Running(
+                    smtp=ingress.bound if ingress else [],
+                    health=health_bound,
+                    reload_tls=ingress.reload_tls if ingress else _no_tls,
+                )
             )
             if health_bound is not None:
                 report_ready(role, health_bound[1])
@@ -175,19 +192,31 @@ async def serve(
             await stop.wait()
             logger.info("shutting down: draining for up to {:.0f} s", cfg.delivery.shutdown_grace)
             health.draining = True
-            ingress.begin_drain()
-            consumer.stopping = True
-            with trio.move_on_after(cfg.delivery.shutdown_grace) as scope:
-                await ingress.wait_data_done()
-                await consumer.wait_idle()
-            if scope.cancelled_caught:
-                logger.warning("grace period over: in-flight deliveries are left to be reclaimed")
+            await _drain(cfg, ingress, consumer)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await pool.aclose()
             await trio.to_thread.run_sync(res.close)
     logger.info("smtpproxy stopped")
+
+
+async def _drain(cfg: Config, ingress: IngressHandle | None, consumer: Consumer) -> None:
+    """New sessions get 421; DATA in progress and deliveries in flight get until
+    delivery.shutdown_grace to finish."""
+    if ingress:
+        ingress.begin_drain()
+    consumer.stopping = True
+    with trio.move_on_after(cfg.delivery.shutdown_grace) as scope:
+        if ingress:
+            await ingress.wait_data_done()
+        await consumer.wait_idle()
+    if scope.cancelled_caught:
+        logger.warning("grace period over: in-flight deliveries are left to be reclaimed")
+
+
+async def _no_tls() -> None:
+    """SIGHUP in a process without SMTP listeners: no certificate to reload."""
 
 
 async def run_until_signalled(cfg: Config, role: Role = PRIMARY) -> None:
@@ -197,7 +226,7 @@ async def run_until_signalled(cfg: Config, role: Role = PRIMARY) -> None:
     applied), passes signals on to them and stops them with itself (workers.py)."""
     if not role.primary:
         follow_primary(role)
-    workers = Workers(cfg) if role.primary and cfg.run.processes > 1 else None
+    workers = Workers(cfg) if role.primary and worker_roles(cfg) else None
     stop = trio.Event()
     started: list[Running] = []
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -1,13 +1,18 @@
-"""`run.processes`: one `smtpproxy run` command serving with several processes.
+"""`run.processes` and `run.delivery_processes`: one `smtpproxy run` command serving
+with several processes.
 
 One Python process uses one core (the interpreter lock), so on a machine with cores to
 spare `smtpproxy run` can start more processes itself. The first (the primary) starts
 the others (workers) as `smtpproxy run` with the same configuration and
 SMTPPROXY_WORKER in their environment, and keeps them running:
 
-* every process binds the SMTP listeners with SO_REUSEPORT (the kernel spreads new
-  connections between them) and runs delivery consumers; the retry scheduler, the
-  reconciler and the storage checker run in the primary only;
+* SMTP processes (the primary and run.processes - 1 workers) bind the SMTP listeners,
+  with SO_REUSEPORT when there are several (the kernel spreads new connections between
+  them); delivery processes (run.delivery_processes workers) bind none and only run
+  delivery consumers. With no delivery process every SMTP process delivers too. Split
+  this way, accepting mail and delivering it do not share an interpreter: on two cores
+  the relay delivered about 1.5 times as fast (docs/performance.md). The retry
+  scheduler, the reconciler and the storage checker run in the primary only;
 * a worker tells the primary the port of its private health endpoint (127.0.0.1, an
   ephemeral port) through a pipe once it is ready; the primary's /readyz includes every
   worker, and its /metrics adds up the workers' own counters (metrics.merge);
@@ -37,7 +42,7 @@ from smtpproxy.config import Config
 from smtpproxy.runtime.libc import libc
 from smtpproxy.runtime.supervise import Backoff
 
-WORKER_ENV = "SMTPPROXY_WORKER"  # "<index>:<fd>:<primary pid>", set for a worker only
+WORKER_ENV = "SMTPPROXY_WORKER"  # "<index>:<fd>:<primary pid>[:d]", for a worker only
 READY_TIMEOUT = 120.0  # a worker that does not report ready by then is started again
 STOP_MARGIN = 10.0  # beyond delivery.shutdown_grace, then a worker is killed
 PR_SET_PDEATHSIG = 1
@@ -50,26 +55,35 @@ class Role:
     index: int = 0
     report_fd: int | None = None  # a worker reports its health port here
     primary_pid: int | None = None
+    delivery_only: bool = False  # a delivery process: no SMTP listener
 
     @property
     def primary(self) -> bool:
         return self.index == 0
+
+    @property
+    def env_value(self) -> str:
+        kind = ":d" if self.delivery_only else ""
+        return f"{self.index}:{self.report_fd}:{self.primary_pid}{kind}"
 
     @classmethod
     def of(cls, environ: Mapping[str, str]) -> Role:
         value = environ.get(WORKER_ENV)
         if not value:
             return cls()
-        index, fd, pid = (int(part) for part in value.split(":"))
-        return cls(index, fd, pid)
+        index, fd, pid, *kind = value.split(":")
+        return cls(int(index), int(fd), int(pid), delivery_only=kind == ["d"])
 
 
 def process_config(cfg: Config, role: Role) -> Config:
-    """The configuration one process serves with: with several processes the SMTP
+    """The configuration one process serves with: with several SMTP processes the
     listeners are shared (SO_REUSEPORT), and a worker's health endpoint is private."""
-    if cfg.run.processes == 1 and role.primary:
+    if role.primary and cfg.run.processes == 1:
         return cfg
-    cfg = attrs.evolve(cfg, smtp=attrs.evolve(cfg.smtp, reuse_port=True))
+    if cfg.run.processes > 1:
+        cfg = attrs.evolve(cfg, smtp=attrs.evolve(cfg.smtp, reuse_port=True))
+    if role.primary:
+        return cfg
     if role.primary:
         return cfg
     log_file = cfg.log_file_path.with_suffix(f".worker{role.index}{cfg.log_file_path.suffix}")
@@ -97,9 +111,30 @@ def report_ready(role: Role, health_port: int) -> None:
     os.close(role.report_fd)
 
 
+def worker_roles(cfg: Config) -> list[Role]:
+    """The processes the primary starts: run.processes - 1 SMTP processes, then
+    run.delivery_processes delivery processes (none while delivery is off)."""
+    smtp = [Role(i) for i in range(1, cfg.run.processes)]
+    count = cfg.run.delivery_processes if cfg.delivery.enabled else 0
+    first = cfg.run.processes
+    return smtp + [Role(first + i, delivery_only=True) for i in range(count)]
+
+
+def delivers_here(role: Role, cfg: Config, workers: Workers | None) -> bool:
+    """Whether this process runs delivery consumers: a delivery process does; an SMTP
+    process does unless delivery processes run beside it (the primary knows whether it
+    starts any; an SMTP worker reads it from the configuration)."""
+    if role.delivery_only:
+        return True
+    if role.primary:
+        return workers is None or not any(w.delivery_only for w in workers.workers)
+    return cfg.run.delivery_processes == 0
+
+
 @attrs.define
 class Worker:
     index: int
+    delivery_only: bool = False
     process: trio.Process | None = None
     health_port: int | None = None  # set when it reported ready
 
@@ -112,7 +147,7 @@ class Workers:
         self._environ = dict(os.environ if environ is None else environ)
         if cfg.source:  # a worker reads the same file, wherever it was found
             self._environ["SMTPPROXY_CONFIG"] = str(Path(cfg.source).resolve())
-        self.workers = [Worker(i) for i in range(1, cfg.run.processes)]
+        self.workers = [Worker(r.index, r.delivery_only) for r in worker_roles(cfg)]
         self.stopping = False
 
     # -- what the primary's health endpoint asks
@@ -168,7 +203,8 @@ class Workers:
 
     async def _run_once(self, worker: Worker) -> int | None:
         read_fd, write_fd = os.pipe()
-        env = {**self._environ, WORKER_ENV: f"{worker.index}:{write_fd}:{os.getpid()}"}
+        role = Role(worker.index, write_fd, os.getpid(), delivery_only=worker.delivery_only)
+        env = {**self._environ, WORKER_ENV: role.env_value}
         try:
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "smtpproxy", "run"],
@@ -179,7 +215,8 @@ class Workers:
         finally:
             os.close(write_fd)
         worker.process = process
-        logger.info("started worker {} (pid {})", worker.index, process.pid)
+        kind = "delivery worker" if worker.delivery_only else "worker"
+        logger.info("started {} {} (pid {})", kind, worker.index, process.pid)
         try:
             port = await self._ready_port(read_fd)
             if port is None:

@@ -7,6 +7,7 @@ Postfix relaying the same mail to smtp-sink. Issue 12's figures, one command eac
     just bench-relay --drain                 # a 6,000-message backlog, then delivery on
     just bench-relay --drain --delay 0.2     # ... to a provider answering after 200 ms
     just bench-relay --ingest-while-delivering   # ingest alone vs ingest with delivery
+    just bench-relay --compare-split         # a delivery process of its own vs none
     just bench-relay --at-rest               # each run waits out ext4's slow time after deletes
 
 End to end: 50 sessions send 10,000 unique 10 KB messages (AUTH for smtpproxy; Postfix
@@ -84,7 +85,10 @@ def delivery_settings(args: argparse.Namespace, sink: Sink | None, outbox: Path)
     delivery: dict[str, Any] = {"enabled": True, "default_route": "bench"}
     if args.concurrency:
         delivery["concurrency"] = args.concurrency
-    return {"delivery": delivery, "providers": {"bench": table}}
+    settings = {"delivery": delivery, "providers": {"bench": table}}
+    if args.delivery_processes is not None:
+        settings["run"] = {"delivery_processes": args.delivery_processes}
+    return settings
 
 
 @contextmanager
@@ -164,7 +168,7 @@ def end_to_end_smtpproxy(args: argparse.Namespace) -> dict[str, Any]:
             inst.close(keep_files=LEFT)
     elapsed = end - start
     return {
-        "target": f"smtpproxy/{args.provider}",
+        "target": f"smtpproxy/{args.provider}" + _split_label(args),
         "accepted": accepted,
         "not_delivered": failed,
         "elapsed": elapsed,
@@ -222,6 +226,23 @@ def end_to_end_postfix(args: argparse.Namespace) -> dict[str, Any]:
         "machine_ms": busy / accepted * 1000,
         "rss_mb": rss,
     }
+
+
+def _split_label(args: argparse.Namespace) -> str:
+    if args.delivery_processes is None:
+        return ""
+    return f", {args.delivery_processes} delivery process(es)"
+
+
+def with_delivery_processes(count: int) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    """end_to_end_smtpproxy with run.delivery_processes = count."""
+
+    def run(args: argparse.Namespace) -> dict[str, Any]:
+        return end_to_end_smtpproxy(
+            argparse.Namespace(**{**vars(args), "delivery_processes": count})
+        )
+
+    return run
 
 
 def drain(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,6 +335,16 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=0, help="delivery.concurrency")
     p.add_argument("--max-connections", type=int, default=0, help="the provider's setting")
     p.add_argument("--processes", type=int, default=1)
+    p.add_argument(
+        "--delivery-processes",
+        type=int,
+        help="run.delivery_processes (default: the config's default, 1 on two cores or more)",
+    )
+    p.add_argument(
+        "--compare-split",
+        action="store_true",
+        help="run.delivery_processes 0 against 1, alternately (no Postfix)",
+    )
     p.add_argument("--ingest-while-delivering", action="store_true")
     p.add_argument(
         "--at-rest",
@@ -346,6 +377,8 @@ def main() -> None:
         runs = [drain]
     elif args.ingest_while_delivering:
         runs = [ingest_alone, end_to_end_smtpproxy]
+    elif args.compare_split:
+        runs = [with_delivery_processes(1), with_delivery_processes(0)]
     elif args.no_postfix:
         runs = [end_to_end_smtpproxy]
     else:

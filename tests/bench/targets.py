@@ -152,12 +152,21 @@ class SmtpProxyInstance:
         primary = self.procs[0]
         primary.wait_ready(60)
         deadline = time.monotonic() + 60
-        while sum(m.endswith(" ready") for m in primary.messages()) < self._processes:
+        while sum(m.endswith(" ready") for m in primary.messages()) < self._expected():
             if time.monotonic() > deadline:
                 raise RuntimeError("smtpproxy's workers did not start")
             time.sleep(0.05)
         self.port = primary.smtp_port
         self.pids = [primary.proc.pid, *_children(primary.proc.pid)]
+
+    def _expected(self) -> int:
+        """The processes that report ready: SMTP ones, and delivery ones when delivering."""
+        from smtpproxy.config import default_delivery_processes
+
+        if not self._settings["delivery"].get("enabled", True):
+            return self._processes
+        run = self._settings.get("run", {})
+        return self._processes + run.get("delivery_processes", default_delivery_processes())
 
     def restart(self, settings: dict[str, Any]) -> None:
         """Stop (SIGTERM) and start again with these settings merged in."""
