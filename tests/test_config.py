@@ -466,6 +466,7 @@ def test_file_errors_name_key_paths(tmp_path: Path) -> None:
         ({"smtp": {"max_recipients": 0}}, "smtp.max_recipients: expected a positive integer"),
         ({"smtp": {"listen": []}}, "smtp.listen: at least one host:port is required"),
         ({"run": {"processes": 0}}, "run.processes: expected 1 to 64"),
+        ({"run": {"delivery_processes": -1}}, "run.delivery_processes: expected 0 to 64"),
         (
             {"run": {"processes": 2}, "smtp": {"listen": ["127.0.0.1:0"]}},
             "smtp.listen: 127.0.0.1:0 cannot be shared by run.processes; give a fixed port",

@@ -466,7 +466,7 @@ async def test_one_run_command_serves_with_two_processes(
         tmp_path / "two.toml",
         {
             "data_dir": str(tmp_path / "data"),
-            "run": {"processes": 2},
+            "run": {"processes": 2, "delivery_processes": 0},
             "smtp": {"listen": [f"127.0.0.1:{port}"]},
             "database": {"url": pg_url},
             "redis": {"url": redis_url, "key_prefix": key_prefix},
@@ -510,6 +510,70 @@ async def test_one_run_command_serves_with_two_processes(
     assert 0 < sample(own, accepted) < 40  # the worker accepted the rest
     sessions = by_worker(proc, "SMTP session ended")
     assert sessions[0] + sessions[1] == 41 and sessions[0] and sessions[1], sessions
+    assert any("worker 1 exited unexpectedly" in m for m in proc.messages("ERROR"))
+
+
+async def test_a_delivery_process_delivers_beside_the_smtp_process(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    clean: None,
+    account: dict[str, Any],
+    routed: None,
+    fake: FakeSendGrid,
+) -> None:
+    """`run.delivery_processes = 1`: `smtpproxy run` starts a process that binds no SMTP
+    port and does every delivery, while the primary accepts every session and delivers
+    nothing; it reports ready only with its delivery process; the health endpoint adds
+    up both; the delivery process killed with SIGKILL is started again and delivers the
+    mail accepted meanwhile; SIGTERM stops both, cleanly."""
+    port, health = free_port(), free_port()
+    config = write_config(
+        tmp_path / "split.toml",
+        {
+            "data_dir": str(tmp_path / "data"),
+            "run": {"delivery_processes": 1},
+            "smtp": {"listen": [f"127.0.0.1:{port}"]},
+            "database": {"url": pg_url},
+            "redis": {"url": redis_url, "key_prefix": key_prefix},
+            "health": {"listen": f"127.0.0.1:{health}"},
+            "security": {"secret_key": KEY},
+            "delivery": {**FAST, "concurrency": 8},
+        },
+    )
+    proc = SmtpProxyProcess(config)
+    try:
+        await run(proc.wait_ready)
+        assert await run(lambda: http_status(health, "/readyz")) == 200  # worker included
+        [worker] = children(proc.proc.pid)
+        results = [await run(lambda: try_send(port, account["password"])) for _ in range(20)]
+        ids = {mid for code, mid in results if code == "250"}
+        await wait_delivered(fake, ids)
+        merged = await run(lambda: http_text(health, "/metrics"))
+        own = await run(lambda: http_text(health, "/metrics/process"))
+
+        os.kill(worker, signal.SIGKILL)
+        later = {(await run(lambda: try_send(port, account["password"])))[1] for _ in range(5)}
+        await wait_delivered(fake, later)
+        [restarted] = children(proc.proc.pid)
+    finally:
+        code = await run(proc.stop)
+    assert code == 0
+    with pytest.raises(ProcessLookupError):  # stopped and reaped by the primary
+        os.kill(restarted, 0)
+    assert restarted != worker
+    assert len(ids) == 20
+    assert set(deliveries(fake).values()) == {1}
+    assert "smtpproxy_processes 2" in merged.splitlines()
+    assert sample(merged, "smtpproxy_deliveries_total") == 20
+    assert sample(own, "smtpproxy_deliveries_total") == 0  # the primary delivers nothing
+    assert sample(own, "smtpproxy_messages_accepted_total") == 20
+    assert set(by_worker(proc, "SMTP session ended")) == {0}
+    delivered = collections.Counter(
+        int(r.get("worker", -1)) for r in proc.lines if "delivered in" in str(r.get("msg"))
+    )
+    assert set(delivered) == {1} and delivered[1] == 25, delivered
     assert any("worker 1 exited unexpectedly" in m for m in proc.messages("ERROR"))
 
 

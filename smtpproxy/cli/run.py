@@ -27,13 +27,13 @@ def register(app: typer.Typer) -> None:
         from smtpproxy.observe import logsetup
         from smtpproxy.runtime import heap
         from smtpproxy.runtime.service import run_until_signalled
-        from smtpproxy.runtime.workers import Role, process_config
+        from smtpproxy.runtime.workers import Role, process_config, worker_roles
 
         role = Role.of(os.environ)  # the primary, or a worker it started (run.processes)
         cfg = process_config(config(ctx), role)
         heap.pin_mmap_threshold()  # before any thread starts
         logsetup.configure(cfg)
-        if not (role.primary and cfg.run.processes == 1):  # which process wrote a line
+        if worker_roles(cfg) or not role.primary:  # which process wrote a line
             logger.configure(extra={"worker": role.index})
         trio.run(run_until_signalled, cfg, role)
 

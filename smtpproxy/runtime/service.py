@@ -187,7 +187,10 @@ async def serve(
             )
             if health_bound is not None:
                 report_ready(role, health_bound[1])
-            logger.info("smtpproxy ready" if role.primary else f"worker {role.index} ready")
+            if not role.primary:
+                logger.info("worker {} ready", role.index)
+            elif workers is None:
+                logger.info("smtpproxy ready")
 
             await stop.wait()
             logger.info("shutting down: draining for up to {:.0f} s", cfg.delivery.shutdown_grace)
@@ -252,6 +255,7 @@ async def run_until_signalled(cfg: Config, role: Role = PRIMARY) -> None:
             )
             if workers is not None:
                 await nursery.start(workers.run)
+                logger.info("smtpproxy ready")  # and every worker with it
             await stop.wait()
             if workers is not None:
                 await workers.stop()  # while serve() drains this process

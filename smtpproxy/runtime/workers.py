@@ -149,6 +149,7 @@ class Workers:
             self._environ["SMTPPROXY_CONFIG"] = str(Path(cfg.source).resolve())
         self.workers = [Worker(r.index, r.delivery_only) for r in worker_roles(cfg)]
         self.stopping = False
+        self._reported = trio.Event()  # set when a worker reports ready
 
     # -- what the primary's health endpoint asks
 
@@ -179,10 +180,15 @@ class Workers:
     # -- lifetime
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start every worker and keep it running until stop()."""
+        """Start every worker and keep it running until stop(); started once every
+        worker reported ready (or READY_TIMEOUT passed: /readyz then says which is not)."""
         async with trio.open_nursery() as nursery:
             for worker in self.workers:
                 nursery.start_soon(self._keep, worker)
+            with trio.move_on_after(READY_TIMEOUT):
+                while not all(w.health_port is not None for w in self.workers):
+                    self._reported = trio.Event()
+                    await self._reported.wait()
             task_status.started()
 
     async def _keep(self, worker: Worker) -> None:
@@ -224,6 +230,7 @@ class Workers:
                 await process.wait()
                 return None
             worker.health_port = port
+            self._reported.set()
             return await process.wait()
         finally:
             worker.health_port = None

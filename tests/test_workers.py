@@ -1,0 +1,69 @@
+"""Which processes `smtpproxy run` starts and which of them deliver (runtime/workers.py),
+as pure decisions on the configuration; the processes themselves are tested in
+tests/test_faults.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from smtpproxy.config import Config, default_delivery_processes, structure
+from smtpproxy.runtime.workers import WORKER_ENV, Role, Workers, delivers_here, worker_roles
+
+
+def config(**run: Any) -> Config:
+    raw: dict[str, Any] = {"run": run, "smtp": {"listen": ["127.0.0.1:2525"]}}
+    return structure(raw, "tests")
+
+
+def test_one_delivery_process_by_default_where_there_is_a_second_core() -> None:
+    """A single core keeps delivery in the SMTP process; two or more get a delivery process."""
+    assert [default_delivery_processes(n) for n in (1, 2, 4, 64)] == [0, 1, 1, 1]
+
+
+def test_worker_roles_are_smtp_processes_then_delivery_processes() -> None:
+    """Indices 1.. are the other SMTP processes, then the delivery processes."""
+    roles = worker_roles(config(processes=3, delivery_processes=2))
+    assert [(r.index, r.delivery_only) for r in roles] == [
+        (1, False),
+        (2, False),
+        (3, True),
+        (4, True),
+    ]
+    assert worker_roles(config(processes=1, delivery_processes=0)) == []
+
+
+def test_no_delivery_process_while_delivery_is_off() -> None:
+    """delivery.enabled = false: only the SMTP processes start."""
+    cfg = structure(
+        {
+            "run": {"processes": 2, "delivery_processes": 1},
+            "delivery": {"enabled": False},
+            "smtp": {"listen": ["127.0.0.1:2525"]},
+        },
+        "tests",
+    )
+    assert [r.delivery_only for r in worker_roles(cfg)] == [False]
+
+
+@pytest.mark.parametrize("delivery_only", [False, True])
+def test_role_travels_through_the_environment(delivery_only: bool) -> None:
+    """A worker reads back the role the primary gave it."""
+    role = Role(3, 7, 1234, delivery_only=delivery_only)
+    assert Role.of({WORKER_ENV: role.env_value}) == role
+    assert Role.of({}) == Role()
+
+
+def test_who_delivers() -> None:
+    """With delivery processes only they deliver; without, every SMTP process does; a
+    primary started without workers (in-process) delivers itself."""
+    split = config(processes=2, delivery_processes=1)
+    together = config(processes=2, delivery_processes=0)
+    primary, smtp_worker, delivery_worker = Role(), Role(1), Role(2, delivery_only=True)
+    assert not delivers_here(primary, split, Workers(split, environ={}))
+    assert not delivers_here(smtp_worker, split, None)
+    assert delivers_here(delivery_worker, split, None)
+    assert delivers_here(primary, together, Workers(together, environ={}))
+    assert delivers_here(smtp_worker, together, None)
+    assert delivers_here(primary, split, None)
