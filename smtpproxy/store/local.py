@@ -8,7 +8,6 @@ directory, when storage.sync = "fsync"). docs/architecture.md measured the batch
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import secrets
@@ -17,12 +16,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from smtpproxy.errors import BodyNotFound, StoreUnavailable
-from smtpproxy.runtime.libc import libc
+from smtpproxy.runtime.libc import HAS_SYNCFS, syncfs
 from smtpproxy.store.base import QUARANTINE, StoredObject, StoreError, get_each
 
 _TMP_MARK = ".tmp-"
 _MODE = 0o640
-_HAS_SYNCFS = hasattr(libc, "syncfs")
 
 
 def _unavailable(action: str, exc: OSError) -> StoreUnavailable:
@@ -33,7 +31,7 @@ def _unavailable(action: str, exc: OSError) -> StoreUnavailable:
 class LocalStore:
     def __init__(self, base: Path, *, sync: str = "syncfs", min_free_bytes: int = 0) -> None:
         self.base = base
-        self.sync = sync if _HAS_SYNCFS else "fsync"
+        self.sync = sync if HAS_SYNCFS else "fsync"
         self.min_free_bytes = min_free_bytes
         self._dirs: set[str] = set()
         try:
@@ -108,15 +106,6 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def _syncfs(self) -> None:
-        fd = os.open(self.base, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if libc.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-        finally:
-            os.close(fd)
-
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         written: list[Path] = []
         per_file = self.sync == "fsync"
@@ -124,7 +113,7 @@ class LocalStore:
             for key, data in items:
                 written.append(self._write_one(key, data, fsync=per_file))
             if not per_file and written:
-                self._syncfs()
+                syncfs(self.base)
         except OSError as exc:
             for path in written:
                 path.unlink(missing_ok=True)
