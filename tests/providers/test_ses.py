@@ -1,4 +1,5 @@
-"""SES provider: the request builder against botocore's SendEmail model, the error
+"""SES provider: the request builder against botocore's SendEmail model, the SigV4
+signer (sigv4.py) against botocore's and AWS's published examples, the error
 classifier on constructed botocore errors, and send() over real sockets: to moto's SES
 in server mode (what SES recorded), to a scripted SES endpoint in this module (the exact
 request on the wire, throttling and server errors), and to ports that refuse or stall.
@@ -10,6 +11,7 @@ at a closed port, so no test can reach a real AWS endpoint.
 from __future__ import annotations
 
 import base64
+import datetime
 import functools
 import json
 import uuid
@@ -19,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import botocore.auth
+import botocore.awsrequest
 import botocore.config
+import botocore.credentials
 import botocore.exceptions
 import pytest
 import trio
@@ -28,6 +33,7 @@ from botocore.validate import ParamValidator
 from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.ses.models import ses_backends
 
+from smtpproxy.delivery.providers import sigv4
 from smtpproxy.delivery.providers.base import Delivery, ProviderConfigError, ProviderSpec
 from smtpproxy.delivery.providers.ses import (
     MAX_MESSAGE_BYTES,
@@ -245,6 +251,139 @@ def test_type_declares_ses_limits() -> None:
     assert (TYPE.name, TYPE.max_recipients, TYPE.max_message_bytes) == ("ses", 50, 40_000_000)
     assert MAX_MESSAGE_BYTES == 40_000_000
     assert not TYPE.secret_required
+
+
+# ---------------------------------------------------------------------------- sigv4
+
+EXAMPLE = sigv4.Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+
+
+def signed_by_botocore(
+    monkeypatch: pytest.MonkeyPatch,
+    when: datetime.datetime,
+    method: str,
+    url: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    credentials: sigv4.Credentials,
+    region: str = REGION,
+    service: str = "ses",
+    params: list[tuple[str, str]] | None = None,
+) -> dict[str, str]:
+    """The headers botocore's SigV4Auth.add_auth sets on the request at `when`."""
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *_, **__: when)
+    request = botocore.awsrequest.AWSRequest(
+        method=method, url=url, headers=dict(headers), data=body, params=params
+    )
+    creds = botocore.credentials.Credentials(
+        credentials.access_key, credentials.secret_key, credentials.token
+    )
+    botocore.auth.SigV4Auth(creds, service, region).add_auth(request)
+    names = ("Authorization", "X-Amz-Date", "X-Amz-Security-Token")
+    return {name: request.headers[name] for name in names if name in request.headers}
+
+
+def signed_by_us(
+    when: datetime.datetime,
+    method: str,
+    host: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    credentials: sigv4.Credentials,
+    region: str = REGION,
+    service: str = "ses",
+    query: tuple[tuple[str, str], ...] = (),
+) -> dict[str, str]:
+    added = sigv4.sign(
+        method=method, host=host, path=path, headers=headers, body=body,
+        credentials=credentials, region=region, service=service,
+        now=when.replace(tzinfo=datetime.UTC), query=query,
+    )  # fmt: skip
+    return dict(added)
+
+
+SIGNED_CASES = {
+    "sendemail": ("POST", "https://email.us-east-1.amazonaws.com", "/v2/email/outbound-emails", ()),
+    "port-and-base-path": ("POST", "http://127.0.0.1:8443", "/ses/v2/email/outbound-emails", ()),
+    "query": ("GET", "https://email.us-east-1.amazonaws.com", "/v2/email/identities",
+              (("PageSize", "10"), ("NextToken", "a b/c=d"), ("A", "2"), ("A", "1"))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("token", [None, "FwoGZXIvYXdzEXAMPLE//token+with/odd=chars"])
+@pytest.mark.parametrize("case", list(SIGNED_CASES))
+def test_sigv4_matches_botocore(
+    monkeypatch: pytest.MonkeyPatch, case: str, token: str | None
+) -> None:
+    """Our signer and botocore's SigV4Auth give the same Authorization (and X-Amz-Date,
+    and X-Amz-Security-Token with session credentials) for the same request."""
+    method, origin, path, query = SIGNED_CASES[case]
+    host = origin.split("://", 1)[1]
+    when = datetime.datetime(2026, 3, 1, 23, 59, 58)
+    credentials = sigv4.Credentials(ACCESS_KEY, SECRET_KEY, token)
+    body = rich_body() if method == "POST" else b""
+    headers = [("Content-Type", "application/json"), ("X-Custom", "  two   spaces  ")]
+    ours = signed_by_us(when, method, host, path, headers, body, credentials, query=query)
+    theirs = signed_by_botocore(
+        monkeypatch, when, method, origin + path, [*headers, ("Host", host)], body,
+        credentials, params=list(query),
+    )  # fmt: skip
+    assert ours == theirs
+    signed = ["content-type", "host", "x-amz-date", "x-custom"]
+    signed += ["x-amz-security-token"] if token else []
+    assert f"SignedHeaders={';'.join(sorted(signed))}, " in ours["Authorization"]
+    assert ours.get("X-Amz-Security-Token") == token
+
+
+def test_sigv4_aws_published_examples() -> None:
+    """AWS's published examples: the signed POST of the General Reference ("Signed
+    Signature Version 4 Requests Examples",
+    https://docs.aws.amazon.com/general/latest/gr/sigv4-signed-request-examples.html)
+    and get-vanilla of the Signature Version 4 test suite."""
+    post = signed_by_us(
+        datetime.datetime(2011, 9, 9, 23, 36), "POST", "iam.amazonaws.com", "/",
+        [("Content-type", "application/x-www-form-urlencoded; charset=utf-8")],
+        b"Action=ListUsers&Version=2010-05-08", EXAMPLE, "us-east-1", "iam",
+    )  # fmt: skip
+    assert post["Authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20110909/us-east-1/iam/aws4_request, "
+        "SignedHeaders=content-type;host;x-amz-date, "
+        "Signature=ced6826de92d2bdeed8f846f0bf508e8559e98e4b0199114b84c54174deb456c"
+    )
+    vanilla = signed_by_us(
+        datetime.datetime(2015, 8, 30, 12, 36), "GET", "example.amazonaws.com", "/", [], b"",
+        EXAMPLE, "us-east-1", "service",
+    )  # fmt: skip
+    assert vanilla == {
+        "X-Amz-Date": "20150830T123600Z",
+        "Authorization": (
+            "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, "
+            "SignedHeaders=host;x-amz-date, "
+            "Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"
+        ),
+    }
+
+
+def test_sigv4_signing_key_is_derived_once_a_day() -> None:
+    """The derived key is AWS's example one, and is cached per day, region, service and
+    secret: a second request that day derives nothing."""
+    sigv4.signing_key.cache_clear()
+    key = sigv4.signing_key(EXAMPLE.secret_key, "20150830", "us-east-1", "iam")
+    assert key.hex() == "c4afb1cc5771d871763a393e44b703571b55cc28424d1a5e86da6ed3c154a4b9"
+    for second in (1, 2):
+        when = datetime.datetime(2026, 3, 1, 12, 0, second)
+        signed_by_us(when, "POST", "h", "/", [], b"x", EXAMPLE)
+    info = sigv4.signing_key.cache_info()
+    assert (info.misses, info.hits) == (2, 1)
+    signed_by_us(datetime.datetime(2026, 3, 2), "POST", "h", "/", [], b"x", EXAMPLE)
+    assert sigv4.signing_key.cache_info().misses == 3
+
+
+def test_sigv4_credentials_repr_hides_the_secret_and_token() -> None:
+    text = repr(sigv4.Credentials(ACCESS_KEY, SECRET_KEY, "session-token"))
+    assert SECRET_KEY not in text
+    assert "session-token" not in text
 
 
 # ---------------------------------------------------------------------------- classify
