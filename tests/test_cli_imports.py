@@ -1,6 +1,7 @@
 """What importing the CLI, and the provider table, loads: `smtpproxy --help` must answer at
-once, so the back ends (psycopg, trio, Redis) and the providers' libraries (boto3, the
-HTTP clients) are imported by the commands and providers that use them, not up front.
+once, so the back ends (psycopg, trio, Redis) and the providers' libraries (botocore for
+SES's credential chain, the HTTP clients) are imported by the commands and providers
+that use them, not up front.
 
 Each check runs in a fresh interpreter: this test process has imported everything."""
 
@@ -45,11 +46,37 @@ def test_importing_the_cli_loads_no_back_end_and_no_provider() -> None:
 
 def test_the_provider_table_imports_no_provider_until_one_is_used() -> None:
     """smtpproxy.delivery.providers knows every type's name without importing a provider
-    module; looking up "ses" imports the SES module (and boto3), and nothing else."""
+    module; looking up "ses" imports the SES module, and neither boto3 nor botocore (SES
+    goes through smtpproxy's own HTTP client) nor another provider."""
     names = "from smtpproxy.delivery import providers\nassert 'ses' in providers.TYPES"
     assert loaded_after(names, "boto3", *PROVIDER_MODULES) == []
     looked_up = f"{names}\nassert providers.TYPES['ses'].name == 'ses'"
-    assert loaded_after(looked_up, "boto3", "smtpproxy.delivery.providers.msgraph") == ["boto3"]
+    watched = ("boto3", "botocore", "smtpproxy.delivery.providers.msgraph")
+    ses = "smtpproxy.delivery.providers.ses"
+    assert loaded_after(looked_up, ses, *watched) == [ses]
+
+
+@pytest.mark.parametrize(
+    ("settings", "loaded"),
+    [
+        ({"region": "eu-west-1", "access_key_id": "AKIDEXAMPLE"}, []),
+        ({"region": "eu-west-1"}, ["botocore"]),
+    ],
+    ids=["access-key", "credential-chain"],
+)
+def test_an_ses_provider_imports_botocore_only_for_the_aws_environment(
+    settings: dict[str, str], loaded: list[str]
+) -> None:
+    """An SES provider with its own access key and region never imports botocore; one on
+    the AWS credential chain does (botocore resolves it), and still not boto3."""
+    secret = "'secret'" if "access_key_id" in settings else "None"
+    build = (
+        "from smtpproxy.delivery.providers import TYPES\n"
+        "from smtpproxy.delivery.providers.base import ProviderSpec\n"
+        f"spec = ProviderSpec(name='s', type='ses', settings={settings!r}, secret={secret})\n"
+        "TYPES['ses'].factory(spec)"
+    )
+    assert loaded_after(build, "boto3", "botocore") == loaded
 
 
 @pytest.mark.parametrize(

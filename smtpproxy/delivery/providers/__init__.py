@@ -1,6 +1,6 @@
 """Provider types by name, and building a provider from its spec.
 
-A provider's module (and what it needs: boto3 for SES, the Graph token client, ...) is
+A provider's module (and what it needs: the HTTP client, the Graph token client, ...) is
 imported when a provider of that type is first used, not when this package is: the CLI
 and the tests that never deliver do not pay for every provider's imports.
 """

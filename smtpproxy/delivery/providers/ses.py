@@ -1,7 +1,7 @@
 """Amazon SES v2 SendEmail with raw content (POST /v2/email/outbound-emails, SigV4).
 
-build_request() sends the exact bytes received over SMTP as Content.Raw.Data (boto3
-base64-encodes them on the wire) and the envelope as the destination: every envelope
+build_request() sends the exact bytes received over SMTP as Content.Raw.Data (base64 in
+the JSON body, request_body()) and the envelope as the destination: every envelope
 recipient in Destination.ToAddresses. SES delivers a raw message to the Destination
 addresses when they are given and does not rewrite the headers, so Bcc recipients (in
 the envelope only) are reached and nobody sees them. FromEmailAddress is the envelope
@@ -12,16 +12,18 @@ SES does not support SMTPUTF8 (botocore model, shape Destination): a non-ASCII l
 part cannot be sent and is refused here; a non-ASCII domain is sent in Punycode, the
 same address.
 
-One boto3 client per provider, created once and shared by every worker thread (boto3
-clients are thread-safe), called through trio.to_thread behind a CapacityLimiter as
-large as the client's connection pool (max_connections), with explicit connect and read
-timeouts. botocore makes one attempt per send: retrying is smtpproxy's (the retry
-schedule, Retry-After, one delivery_logs row per attempt), and an SDK retry after a read
-timeout could send the message twice within one attempt.
+The call is SES v2's REST-JSON API through smtpproxy's own HTTP/1.1 client on trio
+(http11.py, as sendgrid's), signed with Signature Version 4 (sigv4.py). boto3 did this
+in worker threads before; a profile of the relay put 61% of its busy CPU in botocore's
+call path. One connection pool per provider, max_connections large: at most that many
+calls in flight. One attempt per send: retrying is smtpproxy's (the retry schedule,
+Retry-After, one delivery_logs row per attempt).
 
 Credentials: the access_key_id setting with the secret access key as the provider's
 secret, or else the standard AWS credential chain (environment, shared files, container
-and instance roles). Neither the key id nor the secret is ever part of an Outcome.
+and instance roles), which botocore resolves: it is imported only then, and every call
+that can reach the network (finding the credentials, refreshing temporary ones) runs in
+a worker thread. Neither the key id nor the secret is ever part of an Outcome.
 
 Limits (Amazon SES Developer Guide, "Service quotas in Amazon SES",
 https://docs.aws.amazon.com/ses/latest/dg/quotas.html): at most 50 recipients per
@@ -35,14 +37,15 @@ max_message_bytes setting can lower it. Both limits are checked before any call.
 
 from __future__ import annotations
 
+import base64
+import datetime
+import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import boto3
-import botocore.config
-import botocore.exceptions
+import trio
 
-from smtpproxy.delivery.providers import http
+from smtpproxy.delivery.providers import http, sigv4
 from smtpproxy.delivery.providers.base import (
     Delivery,
     ProviderConfigError,
@@ -51,14 +54,27 @@ from smtpproxy.delivery.providers.base import (
     SettingInfo,
 )
 from smtpproxy.models import Outcome
-from smtpproxy.runtime.threads import Offload
+
+if TYPE_CHECKING:
+    import botocore.credentials
+    import botocore.session
 
 MAX_RECIPIENTS = 50
 MAX_MESSAGE_BYTES = 40 * 1000 * 1000
-DEFAULT_MAX_CONNECTIONS = 64  # sends in flight, each a thread of boto3
+DEFAULT_MAX_CONNECTIONS = 64  # calls in flight and connections kept
 DEFAULT_ENDPOINT = "https://email.{region}.amazonaws.com"
+PATH = "/v2/email/outbound-emails"
+JSON_HEADERS = [("Content-Type", "application/json")]  # signed, with Host and X-Amz-Date
+SERVICE = "ses"  # SigV4's service name for SES (v1 and v2)
+# temporary credentials of the chain closer to their expiry than this are read in a
+# worker thread: botocore refreshes them on reading from 15 minutes before (its
+# advisory window, the widest it uses), so a read outside a thread never refreshes
+REFRESH_MARGIN = 16 * 60
+# what a worker-thread read of the chain gave (credentials, or none) is the answer for
+# this long: one thread call a second, however many sends wait for it
+RECHECK_SECONDS = 1.0
 
-# ClientError codes, by what a later attempt can change
+# error codes, by what a later attempt can change
 PERMANENT_CODES = frozenset(
     {
         # the message or its sender: the same request is refused again
@@ -108,15 +124,14 @@ RETRY_CODES = frozenset(
         "ServiceUnavailableException",
         "RequestTimeout",
         "RequestTimeoutException",
-        # credentials from the chain that expired, or a clock off by minutes: botocore
-        # refreshes the former and corrects the skew on the next attempt
+        # credentials from the chain that expired (the next attempt reads them again,
+        # refreshed), or a clock off by minutes (it may be corrected meanwhile)
         "ExpiredToken",
         "ExpiredTokenException",
         "RequestExpired",
         "RequestTimeTooSkewed",
     }
 )
-_TIMEOUTS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)
 
 
 class RequestError(ValueError):
@@ -164,6 +179,18 @@ def build_request(
     return params
 
 
+def request_body(params: Mapping[str, Any]) -> bytes:
+    """SendEmail's JSON body (REST-JSON) for build_request()'s params: Content.Raw.Data
+    in base64, every other member as it is."""
+    content = params["Content"]
+    raw = content["Raw"]
+    body = {
+        **params,
+        "Content": {**content, "Raw": {**raw, "Data": base64.b64encode(raw["Data"]).decode()}},
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def _redact(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         if secret:
@@ -171,47 +198,107 @@ def _redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def _client_error(error: botocore.exceptions.ClientError, redact: Iterable[str]) -> Outcome:
-    err: Mapping[str, Any] = error.response.get("Error", {})
-    meta: Mapping[str, Any] = error.response.get("ResponseMetadata", {})
-    headers = {str(k).lower(): str(v) for k, v in (meta.get("HTTPHeaders") or {}).items()}
-    code = str(err.get("Code") or "")
-    status = int(meta.get("HTTPStatusCode") or 0)
-    message = http.short(_redact(str(err.get("Message") or ""), redact))
+def error_code(headers: Mapping[str, str], body: Mapping[str, Any]) -> str:
+    """An AWS REST-JSON error's code: from the x-amzn-ErrorType header (names
+    lower-cased) before its first ":", else the body's __type (after its last "#"),
+    code or Code; "" when there is none."""
+    code = headers.get("x-amzn-errortype") or body.get("__type") or body.get("code")
+    code = code or body.get("Code") or ""
+    return str(code).split(":", 1)[0].rsplit("#", 1)[-1].strip()
+
+
+def classify(
+    status: int, headers: Mapping[str, str], text: str, *, redact: Iterable[str] = ()
+) -> Outcome:
+    """The outcome of SES's answer to SendEmail (its status, headers and body text).
+
+    2xx is delivered, with the MessageId of the JSON body. An error is classified by its
+    code (PERMANENT_CODES, RETRY_CODES), otherwise by its HTTP status as any JSON API's:
+    408, 425, 429 and 5xx retry (after Retry-After when given), other 4xx are
+    permanent. The detail is "HTTP {status}: SES {code}: {message}" (the message of the
+    JSON body, or the start of a body that is not JSON). Text equal to one of redact
+    (the access key id and secret) is masked.
+    """
+    headers = {k.lower(): v for k, v in headers.items()}
+    body = http.json_object(text)
+    if 200 <= status < 300:
+        message_id = body.get("MessageId")
+        return Outcome.delivered(
+            str(message_id) if message_id else None, detail="SES SendEmail accepted"
+        )
+    code = error_code(headers, body)
+    message = (body.get("message") or body.get("Message")) if body else text
+    message = http.short(_redact(str(message or ""), redact))
     detail = f"SES {code or 'error'}" + (f": {message}" if message else "")
-    if status:
-        detail = f"HTTP {status}: {detail}"
+    detail = _redact(f"HTTP {status}: {detail}", redact)
     if code in PERMANENT_CODES:
         return Outcome.permanent(detail)
-    if code in RETRY_CODES or not status or status in (408, 425, 429) or status >= 500:
+    if code in RETRY_CODES or status in (408, 425, 429) or status >= 500:
         return Outcome.retry(detail, http.parse_retry_after(headers.get("retry-after")))
     return Outcome.permanent(detail)
 
 
-def classify(error: Exception, *, redact: Iterable[str] = ()) -> Outcome:
-    """The outcome of a failed SendEmail call (a botocore exception).
+class CredentialChain:
+    """The standard AWS credential chain, as botocore resolves it.
 
-    A ClientError is classified by its code (PERMANENT_CODES, RETRY_CODES), otherwise by
-    its HTTP status as any JSON API's: 408, 429 and 5xx retry (after Retry-After when
-    given), other 4xx are permanent. No HTTP answer (connection refused, timeouts, a
-    dropped connection) is retried, and so are missing credentials (the chain's instance
-    metadata service may answer next time); an invalid parameter is permanent. Text
-    equal to one of redact (the access key id and secret) is masked.
+    Finding the credentials (files, processes, the container or instance metadata
+    service) and refreshing temporary ones can take network round trips: both run in a
+    worker thread, one at a time, whose answer (credentials, or none) stands for
+    RECHECK_SECONDS. Credentials that are not near their expiry are read on the trio
+    thread, which costs no I/O.
     """
-    if isinstance(error, botocore.exceptions.ClientError):
-        return _client_error(error, redact)
-    if isinstance(error, _TIMEOUTS):
-        return Outcome.retry(f"timeout: {type(error).__name__}")
-    if isinstance(
-        error, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
-    ):
-        return Outcome.retry(f"connection error: {type(error).__name__}")
-    if isinstance(error, botocore.exceptions.ParamValidationError):
-        # its text may quote parameter values, the message among them: not repeated
-        return Outcome.permanent("invalid SendEmail request (botocore parameter validation)")
-    if isinstance(error, botocore.exceptions.NoCredentialsError):
-        return Outcome.retry("no AWS credentials: the credential chain found none")
-    return Outcome.retry(f"SES call failed: {type(error).__name__}")
+
+    def __init__(self, session: botocore.session.Session) -> None:
+        import botocore.credentials  # noqa: PLC0415 - loaded with the session already
+
+        self._refreshable = botocore.credentials.RefreshableCredentials
+        self._session = session
+        self._source: botocore.credentials.Credentials | None = None
+        self._lock = trio.Lock()
+        # what the last worker-thread read gave, and until when it is the answer
+        self._last: tuple[float, sigv4.Credentials | Outcome] | None = None
+
+    async def current(self) -> sigv4.Credentials | Outcome:
+        """The credentials to sign with now, or the retry outcome when there are none."""
+        source = self._source
+        if source is not None and not (
+            isinstance(source, self._refreshable) and source.refresh_needed(REFRESH_MARGIN)
+        ):
+            return _frozen(source)
+        async with self._lock:
+            if self._last is not None and trio.current_time() < self._last[0]:
+                return self._last[1]
+            found: sigv4.Credentials | Outcome
+            try:
+                found = await trio.to_thread.run_sync(self._read)
+            except Exception as exc:  # noqa: BLE001 - whatever a source raises, none now
+                if isinstance(exc, NoCredentials):
+                    why = "the credential chain found none"
+                elif self._source is None:
+                    why = f"the credential chain failed ({type(exc).__name__})"
+                else:
+                    why = f"refreshing them failed ({type(exc).__name__})"
+                found = Outcome.retry(f"no AWS credentials: {why}")
+            self._last = (trio.current_time() + RECHECK_SECONDS, found)
+            return found
+
+    def _read(self) -> sigv4.Credentials:
+        """In a worker thread: look the chain up while nothing is found, then read the
+        credentials (botocore refreshes temporary ones when due)."""
+        if self._source is None:
+            self._source = self._session.get_credentials()
+        if self._source is None:
+            raise NoCredentials
+        return _frozen(self._source)
+
+
+class NoCredentials(Exception):
+    """The credential chain found no credentials."""
+
+
+def _frozen(source: botocore.credentials.Credentials) -> sigv4.Credentials:
+    frozen = source.get_frozen_credentials()
+    return sigv4.Credentials(frozen.access_key or "", frozen.secret_key or "", frozen.token or None)
 
 
 class SesProvider:
@@ -235,39 +322,36 @@ class SesProvider:
             )
         timeout = spec.positive("timeout", http.DEFAULT_TIMEOUT)
         connections = spec.positive_int("max_connections", DEFAULT_MAX_CONNECTIONS)
-        session = boto3.session.Session(
-            aws_access_key_id=access_key_id or None,
-            aws_secret_access_key=spec.secret if access_key_id else None,
-            region_name=str(spec.setting("region") or "") or None,
-        )
-        try:
-            self._client = session.client(
-                "sesv2",
-                endpoint_url=spec.endpoint or None,
-                config=botocore.config.Config(
-                    max_pool_connections=connections,
-                    connect_timeout=min(10.0, timeout),
-                    read_timeout=timeout,
-                    retries={"mode": "standard", "total_max_attempts": 1},
-                    user_agent_extra="smtpproxy",
-                ),
-            )
-        except botocore.exceptions.NoRegionError:
+        region = str(spec.setting("region") or "")
+        session = None
+        if not region or not access_key_id:
+            session = _botocore_session()
+            region = region or str(session.get_config_variable("region") or "")
+        if not region:
             raise ProviderConfigError(
                 f"provider {spec.name}: setting 'region' is required "
                 "(the AWS environment names no region)"
-            ) from None
-        except ValueError as exc:  # an endpoint URL botocore cannot use
-            raise ProviderConfigError(f"provider {spec.name}: {exc}") from None
-        self.region = self._client.meta.region_name
-        self._offload = Offload(f"ses:{spec.name}", connections)
+            )
+        self.region = region
+        self._credentials: sigv4.Credentials | CredentialChain
+        if access_key_id:
+            self._credentials = sigv4.Credentials(access_key_id, spec.secret or "")
+        else:
+            assert session is not None
+            self._credentials = CredentialChain(session)
+        try:
+            self._client = http.open_client(
+                spec.endpoint or DEFAULT_ENDPOINT.format(region=region),
+                timeout=timeout,
+                max_connections=connections,
+            )
+        except ValueError as exc:  # not an http(s) URL
+            raise ProviderConfigError(f"provider {spec.name}: endpoint: {exc}") from None
+        self._host = self._client.origin.host_header
+        self._path = self._client.origin.base_path + PATH
 
     def __repr__(self) -> str:
         return f"SesProvider(name={self.spec.name!r}, region={self.region!r})"
-
-    def _send_email(self, params: dict[str, Any]) -> str:
-        response = self._client.send_email(**params)
-        return str(response.get("MessageId") or "")
 
     async def send(self, delivery: Delivery) -> Outcome:
         try:
@@ -278,14 +362,45 @@ class SesProvider:
             )
         except RequestError as exc:
             return Outcome.permanent(str(exc))
+        credentials = self._credentials
+        if isinstance(credentials, CredentialChain):
+            found = await credentials.current()
+            if isinstance(found, Outcome):
+                return found
+            credentials = found
+        body = request_body(params)
+        headers = JSON_HEADERS + sigv4.sign(
+            method="POST",
+            host=self._host,
+            path=self._path,
+            headers=JSON_HEADERS,
+            body=body,
+            credentials=credentials,
+            region=self.region,
+            service=SERVICE,
+            now=datetime.datetime.now(datetime.UTC),
+        )
         try:
-            message_id = await self._offload(self._send_email, params)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            return classify(exc, redact=self._redact)
-        return Outcome.delivered(message_id or None, detail="SES SendEmail accepted")
+            resp = await self._client.post(PATH, body, headers)
+        except http.TransportError as exc:
+            return http.transport_failure(exc)
+        return classify(
+            resp.status,
+            resp.headers,
+            resp.text,
+            redact=(*self._redact, credentials.access_key, credentials.secret_key),
+        )
 
     async def aclose(self) -> None:
-        self._client.close()
+        await self._client.aclose()
+
+
+def _botocore_session() -> botocore.session.Session:
+    """A botocore session for the AWS environment (region, credential chain): botocore
+    is imported only by a provider that needs it."""
+    import botocore.session  # noqa: PLC0415 - only for the AWS environment
+
+    return botocore.session.Session()
 
 
 TYPE = ProviderType(
