@@ -538,6 +538,7 @@ async def test_run_process_logs_json_to_stdout_file_and_cloudwatch(
             "redis": {"url": redis_url, "key_prefix": key_prefix},
             "health": {"listen": "127.0.0.1:0"},
             "security": {"secret_key": Fernet.generate_key().decode()},
+            "run": {"delivery_processes": 0},  # one process: its lines in every sink
         },
     )
     env = {

@@ -3,6 +3,7 @@ Postfix relaying the same mail to smtp-sink. Issue 12's figures, one command eac
 
     just bench-relay                         # end to end, vs Postfix, A B A B
     just bench-relay --provider ses          # the same through SES's API (raw MIME)
+    just bench-relay --provider sendgrid,ses,file   # each, and Postfix, in every round
     just bench-relay --provider file --no-postfix
     just bench-relay --drain                 # a 6,000-message backlog, then delivery on
     just bench-relay --drain --delay 0.2     # ... to a provider answering after 200 ms
@@ -234,13 +235,11 @@ def _split_label(args: argparse.Namespace) -> str:
     return f", {args.delivery_processes} delivery process(es)"
 
 
-def with_delivery_processes(count: int) -> Callable[[argparse.Namespace], dict[str, Any]]:
-    """end_to_end_smtpproxy with run.delivery_processes = count."""
+def variant(**changes: Any) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    """end_to_end_smtpproxy with some arguments changed (a provider, delivery processes)."""
 
     def run(args: argparse.Namespace) -> dict[str, Any]:
-        return end_to_end_smtpproxy(
-            argparse.Namespace(**{**vars(args), "delivery_processes": count})
-        )
+        return end_to_end_smtpproxy(argparse.Namespace(**{**vars(args), **changes}))
 
     return run
 
@@ -323,7 +322,11 @@ def show(r: dict[str, Any]) -> None:
 
 def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--provider", choices=["sendgrid", "ses", "file", "postmark", "mailgun"])
+    p.add_argument(
+        "--provider",
+        help="sendgrid (default), ses, file, postmark or mailgun; several, comma-separated, "
+        "run one after the other in each round",
+    )
     p.add_argument("--messages", type=int, default=10_000)
     p.add_argument("--sessions", type=int, default=50)
     p.add_argument("--size", type=int, default=10 * 1024)
@@ -352,19 +355,25 @@ def arguments() -> argparse.Namespace:
         help="first wait until ext4 is past its slow time after a benchmark's deletes",
     )
     args = p.parse_args()
-    args.provider = args.provider or "sendgrid"
+    args.providers = (args.provider or "sendgrid").split(",")
+    args.provider = args.providers[0]
     return args
 
 
 def compare(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:
-    """The ratio of the two targets in each round."""
-    (a_name, a), (b_name, b) = results.items()
-    for i, (ra, rb) in enumerate(zip(a, b, strict=False), start=1):
-        if args.ingest_while_delivering:  # ingest with delivery, over ingest alone
+    """In each round, every target's rate over the last one's (Postfix, or ingest
+    alone against ingest while delivering)."""
+    names = list(results)
+    if args.ingest_while_delivering:  # ingest with delivery, over ingest alone
+        alone, both = results[names[0]], results[names[1]]
+        for i, (ra, rb) in enumerate(zip(alone, both, strict=False), start=1):
             ratio = rb["ingest_rate"] / ra["ingest_rate"]
             print(f"round {i}: ingest while delivering / alone = {ratio:.2f}x")
-        else:
-            print(f"round {i}: {a_name} / {b_name} = {ra['rate'] / rb['rate']:.2f}x")
+        return
+    base = names[-1]
+    for name in names[:-1]:
+        for i, (ra, rb) in enumerate(zip(results[name], results[base], strict=False), start=1):
+            print(f"round {i}: {name} / {base} = {ra['rate'] / rb['rate']:.2f}x")
 
 
 def main() -> None:
@@ -373,16 +382,17 @@ def main() -> None:
         import uvloop
 
         uvloop.install()
+    runs: list[Callable[[argparse.Namespace], dict[str, Any]]]
     if args.drain:
         runs = [drain]
     elif args.ingest_while_delivering:
         runs = [ingest_alone, end_to_end_smtpproxy]
     elif args.compare_split:
-        runs = [with_delivery_processes(1), with_delivery_processes(0)]
-    elif args.no_postfix:
-        runs = [end_to_end_smtpproxy]
+        runs = [variant(delivery_processes=1), variant(delivery_processes=0)]
     else:
-        runs = [end_to_end_smtpproxy, end_to_end_postfix]
+        runs = [variant(provider=p) for p in args.providers]
+        if not args.no_postfix:
+            runs.append(end_to_end_postfix)
     results: dict[str, list[dict[str, Any]]] = {}
     try:
         for _ in range(args.rounds):
@@ -400,7 +410,7 @@ def main() -> None:
             tmp.cleanup()
         if LEFT:
             note_cleanup()
-    if len(results) == 2:
+    if len(results) >= 2:
         compare(args, results)
 
 
