@@ -575,6 +575,44 @@ async def test_a_delivery_process_delivers_beside_the_smtp_process(
     )
     assert set(delivered) == {1} and delivered[1] == 25, delivered
     assert any("worker 1 exited unexpectedly" in m for m in proc.messages("ERROR"))
+    assert not any("worker 1 exited unexpectedly (code 0)" in m for m in proc.messages())
+
+
+async def test_a_worker_stops_when_its_primary_is_killed(
+    tmp_path: Path, pg_url: str, redis_url: str, key_prefix: str, clean: None
+) -> None:
+    """SIGKILL to the primary: its delivery process notices and exits on its own
+    (nobody is left to stop it)."""
+    config = write_config(
+        tmp_path / "orphan.toml",
+        {
+            "data_dir": str(tmp_path / "data"),
+            "run": {"delivery_processes": 1},
+            "smtp": {"listen": ["127.0.0.1:0"]},
+            "database": {"url": pg_url},
+            "redis": {"url": redis_url, "key_prefix": key_prefix},
+            "security": {"secret_key": KEY},
+        },
+    )
+    proc = SmtpProxyProcess(config)
+    try:
+        await run(proc.wait_ready)
+        [worker] = children(proc.proc.pid)
+        proc.proc.kill()
+        with trio.fail_after(30):
+            while _state(worker) not in ("", "Z"):
+                await trio.sleep(0.1)
+    finally:
+        await run(proc.stop)
+    assert any("the primary process exited: stopping" in m for m in proc.messages("WARNING"))
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (Z: exited, waiting to be reaped), "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def http_text(port: int, path: str) -> str:

@@ -4,6 +4,10 @@ tests/test_faults.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,3 +71,55 @@ def test_who_delivers() -> None:
     assert delivers_here(primary, together, Workers(together, environ={}))
     assert delivers_here(smtp_worker, together, None)
     assert delivers_here(primary, split, None)
+
+
+# a parent process that starts a child from a thread that then exits, as trio starts
+# workers (Popen in a worker thread); the child waits for its parent with
+# primary_exited() and says when it returned
+PARENT = """
+import subprocess, sys, threading, time
+child = []
+def start():
+    child.append(subprocess.Popen([sys.executable, "-c", sys.argv[1]]))
+    time.sleep(2)  # the child is up; then this thread exits, as trio's idle ones do
+t = threading.Thread(target=start)
+t.start()
+t.join()
+print(child[0].pid, flush=True)
+time.sleep(600)
+"""
+CHILD = """
+import os, sys, trio
+from smtpproxy.runtime.workers import Role, primary_exited
+trio.run(primary_exited, Role(1, None, os.getppid()))
+print("primary exited", flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_worker_outlives_the_thread_that_started_it_and_not_its_primary() -> None:
+    """The thread that started the worker exits at once: the worker keeps running (with
+    PR_SET_PDEATHSIG it was stopped then); its parent killed, it notices within seconds."""
+    with subprocess.Popen(
+        [sys.executable, "-c", PARENT, CHILD], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            child = int(parent.stdout.readline())
+            time.sleep(0.5)
+            assert _alive(child)  # the starting thread is gone
+            parent.kill()
+            parent.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while _alive(child) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _alive(child)
+        finally:
+            parent.kill()

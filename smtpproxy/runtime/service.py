@@ -38,7 +38,7 @@ from smtpproxy.runtime.workers import (
     Role,
     Workers,
     delivers_here,
-    follow_primary,
+    primary_exited,
     report_ready,
     worker_roles,
 )
@@ -227,8 +227,6 @@ async def run_until_signalled(cfg: Config, role: Role = PRIMARY) -> None:
     TLS certificate without dropping sessions. cfg is this process's (process_config).
     With run.processes > 1 the primary starts the workers once it is ready (migrations
     applied), passes signals on to them and stops them with itself (workers.py)."""
-    if not role.primary:
-        follow_primary(role)
     workers = Workers(cfg) if role.primary and worker_roles(cfg) else None
     stop = trio.Event()
     started: list[Running] = []
@@ -249,7 +247,19 @@ async def run_until_signalled(cfg: Config, role: Role = PRIMARY) -> None:
                         nursery.cancel_scope.cancel()
                     return
 
+            watching = trio.CancelScope()  # a worker's watch on its primary
+
+            async def on_primary_exit() -> None:
+                with watching:
+                    await primary_exited(role)
+                    logger.warning("the primary process exited: stopping")
+                    stop.set()
+                    if not started:
+                        nursery.cancel_scope.cancel()
+
             nursery.start_soon(on_signals)
+            if not role.primary:
+                nursery.start_soon(on_primary_exit)
             started.append(
                 await nursery.start(partial(serve, cfg, stop, role=role, workers=workers))
             )
@@ -257,6 +267,7 @@ async def run_until_signalled(cfg: Config, role: Role = PRIMARY) -> None:
                 await nursery.start(workers.run)
                 logger.info("smtpproxy ready")  # and every worker with it
             await stop.wait()
+            watching.cancel()
             if workers is not None:
                 await workers.stop()  # while serve() drains this process
         # serve() drained and returned; nothing else to wait for

@@ -17,8 +17,8 @@ SMTPPROXY_WORKER in their environment, and keeps them running:
   ephemeral port) through a pipe once it is ready; the primary's /readyz includes every
   worker, and its /metrics adds up the workers' own counters (metrics.merge);
 * SIGTERM, SIGINT and SIGHUP to the primary go to every worker; a worker that exits
-  unexpectedly is started again with backoff; a worker whose primary dies gets SIGTERM
-  from the kernel (PR_SET_PDEATHSIG) and drains;
+  unexpectedly is started again with backoff; a worker whose primary dies notices at
+  once (a pidfd) and drains;
 * a worker logs where the primary does, except that its log file (log.output "file")
   is its own: smtpproxy.worker1.log next to smtpproxy.log.
 """
@@ -39,13 +39,11 @@ import trio
 from loguru import logger
 
 from smtpproxy.config import Config
-from smtpproxy.runtime.libc import libc
 from smtpproxy.runtime.supervise import Backoff
 
 WORKER_ENV = "SMTPPROXY_WORKER"  # "<index>:<fd>:<primary pid>[:d]", for a worker only
 READY_TIMEOUT = 120.0  # a worker that does not report ready by then is started again
 STOP_MARGIN = 10.0  # beyond delivery.shutdown_grace, then a worker is killed
-PR_SET_PDEATHSIG = 1
 
 
 @attrs.frozen
@@ -94,13 +92,26 @@ def process_config(cfg: Config, role: Role) -> Config:
     )
 
 
-def follow_primary(role: Role) -> None:
-    """In a worker: get SIGTERM when the primary dies, and stop now if it already has."""
-    prctl = getattr(libc, "prctl", None)
-    if prctl is not None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if role.primary_pid is not None and os.getppid() != role.primary_pid:
-        os.kill(os.getpid(), signal.SIGTERM)
+async def primary_exited(role: Role) -> None:
+    """In a worker: return once the primary process has exited (its pidfd becomes
+    readable; without pidfds, the parent pid is checked every second).
+
+    Not PR_SET_PDEATHSIG: that signal follows the thread that started the worker, and
+    trio starts processes from a worker thread, which exits after 10 s idle: every
+    worker was told to stop 10 s after it started whenever the thread went idle."""
+    pid = role.primary_pid
+    if pid is None:
+        await trio.sleep_forever()
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfds here, or the primary is already gone
+        while os.getppid() == pid:  # noqa: ASYNC110 - nothing to wait on but time
+            await trio.sleep(1.0)
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
 
 
 def report_ready(role: Role, health_port: int) -> None:

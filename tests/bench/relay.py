@@ -166,6 +166,10 @@ def end_to_end_smtpproxy(args: argparse.Namespace) -> dict[str, Any]:
             rss = sampler.stop()
             failed = accepted - inst.count("delivered")
         finally:
+            for line in [
+                m for m in inst.procs[0].lines if m.get("level") in ("WARNING", "ERROR", "CRITICAL")
+            ]:
+                print(f"  smtpproxy logged: {line}", flush=True)
             inst.close(keep_files=LEFT)
     elapsed = end - start
     return {
