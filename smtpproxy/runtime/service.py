@@ -247,19 +247,23 @@ async def run_until_signalled(cfg: Config, role: Role = PRIMARY) -> None:
                         nursery.cancel_scope.cancel()
                     return
 
-            watching = trio.CancelScope()  # a worker's watch on its primary
+            async def on_primary_exit() -> None:  # in a worker
+                await primary_exited(role)
+                logger.warning("the primary process exited: stopping")
+                stop.set()
+                if not started:
+                    nursery.cancel_scope.cancel()
 
-            async def on_primary_exit() -> None:
-                with watching:
-                    await primary_exited(role)
-                    logger.warning("the primary process exited: stopping")
-                    stop.set()
-                    if not started:
-                        nursery.cancel_scope.cancel()
+            async def until_stopped() -> None:
+                """What can stop this process, watched until one of them does."""
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(on_signals)
+                    if not role.primary:
+                        watching.start_soon(on_primary_exit)
+                    await stop.wait()
+                    watching.cancel_scope.cancel()
 
-            nursery.start_soon(on_signals)
-            if not role.primary:
-                nursery.start_soon(on_primary_exit)
+            nursery.start_soon(until_stopped)
             started.append(
                 await nursery.start(partial(serve, cfg, stop, role=role, workers=workers))
             )
@@ -267,7 +271,6 @@ async def run_until_signalled(cfg: Config, role: Role = PRIMARY) -> None:
                 await nursery.start(workers.run)
                 logger.info("smtpproxy ready")  # and every worker with it
             await stop.wait()
-            watching.cancel()
             if workers is not None:
                 await workers.stop()  # while serve() drains this process
         # serve() drained and returned; nothing else to wait for
