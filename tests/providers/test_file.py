@@ -1,73 +1,110 @@
 """The file provider: exact bytes and envelope on disk, durable before it reports, and
-its group sync (one syncfs for the deliveries in flight) as a concurrency primitive."""
+its batch writer (one thread call and one sync for the deliveries waiting) as a
+concurrency primitive."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
-import pytest
+import attrs
 import trio
 
-from smtpproxy.delivery.providers.base import ProviderSpec
-from smtpproxy.delivery.providers.file import FileProvider, GroupSync
+from smtpproxy.delivery.providers.base import Delivery, ProviderSpec
+from smtpproxy.delivery.providers.file import BatchWriter, FileProvider
 from smtpproxy.models import OutcomeKind
 from tests.support import deliveries
 from tests.support.deliveries import opened, wire
 
 
-class Recorder:
-    """A sync function that takes a while and records when each call ran."""
+class Writes:
+    """A batch write that takes a while and records each batch; items named in fail
+    get an OSError; the call numbered raise_on (1, 2, ...) raises."""
 
-    def __init__(self, seconds: float = 0.02, fail: int = 0) -> None:
-        self.seconds = seconds
-        self.fail = fail  # the first `fail` calls raise OSError
-        self.calls: list[tuple[float, float]] = []
-        self._lock = threading.Lock()
+    def __init__(self, fail: frozenset[str] = frozenset(), raise_on: int = 0) -> None:
+        self.batches: list[list[str]] = []
+        self.fail = fail
+        self.raise_on = raise_on
 
-    def __call__(self) -> None:
-        start = time.monotonic()
-        time.sleep(self.seconds)
-        with self._lock:
-            self.calls.append((start, time.monotonic()))
-            if len(self.calls) <= self.fail:
-                raise OSError(5, "Input/output error")
+    def __call__(self, batch: list[Delivery]) -> list[OSError | None]:
+        time.sleep(0.02)
+        self.batches.append([d.message_id for d in batch])
+        if len(self.batches) == self.raise_on:
+            raise RuntimeError("disk on fire")
+        return [OSError(28, "No space left") if d.message_id in self.fail else None for d in batch]
 
 
-async def test_every_caller_waits_for_a_sync_that_started_after_it() -> None:
-    """Forty callers arriving over time share few syncs, and each returns only after a
-    sync that began after its own call finished."""
-    recorder = Recorder()
-    group = GroupSync(recorder)
-    spans: list[tuple[float, float]] = []
+def numbered(i: int) -> Delivery:
+    d = deliveries.delivery(wire(deliveries.message()), "b@example.org")
+    return attrs.evolve(d, message_id=f"m{i}")
 
-    async def caller(delay: float) -> None:
-        await trio.sleep(delay)
-        called = time.monotonic()
-        await group.sync()
-        spans.append((called, time.monotonic()))
+
+async def test_callers_arriving_together_share_batches_and_each_is_written_once() -> None:
+    """Forty deliveries submitted over 80 ms: a few batches, each delivery in exactly one,
+    and nobody returns before the batch holding it was written."""
+    writes = Writes()
+    writer = BatchWriter(writes)
+    returned: list[tuple[str, int]] = []
+
+    async def caller(i: int) -> None:
+        await trio.sleep(i * 0.002)
+        await writer.submit(numbered(i))
+        returned.append((f"m{i}", len(writes.batches)))
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             for i in range(40):
-                nursery.start_soon(caller, i * 0.002)
-    assert len(spans) == 40
-    assert len(recorder.calls) < 20  # shared: forty one-by-one syncs would be forty
-    for called, returned in spans:
-        assert any(called <= start and end <= returned for start, end in recorder.calls)
+                nursery.start_soon(caller, i)
+    written = [m for batch in writes.batches for m in batch]
+    assert sorted(written) == sorted(f"m{i}" for i in range(40))
+    assert len(writes.batches) < 20  # one at a time would be forty
+    for message_id, batches_done in returned:
+        assert any(message_id in batch for batch in writes.batches[:batches_done])
 
 
-async def test_a_failed_sync_fails_its_callers_and_the_next_one_succeeds() -> None:
-    """OSError from the sync reaches the caller; a later call syncs again."""
-    recorder = Recorder(seconds=0.0, fail=1)
-    group = GroupSync(recorder)
+async def test_a_failed_item_fails_only_its_caller() -> None:
+    """An OSError for one delivery reaches that caller; the others of its batch succeed."""
+    writer = BatchWriter(Writes(fail=frozenset({"m3"})))
+    failed: list[int] = []
+
+    async def caller(i: int) -> None:
+        try:
+            await writer.submit(numbered(i))
+        except OSError:
+            failed.append(i)
+
     with trio.fail_after(10):
-        with pytest.raises(OSError, match="Input/output error"):
-            await group.sync()
-        await group.sync()
-    assert len(recorder.calls) == 2
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(caller, i)
+    assert failed == [3]
+
+
+async def test_a_batch_that_raises_fails_its_callers_and_the_next_one_is_written() -> None:
+    """The second batch (two deliveries that queued behind the first) raises: the one
+    that ran it gets the error, the other an OSError; a later delivery is written."""
+    writes = Writes(raise_on=2)
+    writer = BatchWriter(writes)
+    outcomes: list[str] = []
+
+    async def caller(i: int) -> None:
+        try:
+            await writer.submit(numbered(i))
+            outcomes.append("ok")
+        except OSError:
+            outcomes.append("oserror")
+        except RuntimeError:
+            outcomes.append("raised")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(caller, i)
+        await writer.submit(numbered(9))
+    assert writes.batches[:2] == [["m0"], ["m1", "m2"]]
+    assert sorted(outcomes) == ["ok", "oserror", "raised"]
+    assert writes.batches[-1] == ["m9"]
 
 
 def provider(path: Path) -> FileProvider:

@@ -5,19 +5,22 @@ and `<message id>.json` (the envelope), each atomically (temp file + rename), so
 reader never sees half a message. No network, no secret.
 
 A delivery is reported only once its files are durable. Deliveries in flight share
-the cost (GroupSync): each writes its files, then waits for one syncfs(2) of the
-directory's file system that started after its writes, so a batch of deliveries costs
-one sync, not two fsyncs each (where syncfs is missing: fsync of the files and the
-directory, per delivery).
+the cost (BatchWriter): the ones waiting are written together by one thread call, then
+made durable by one syncfs(2) of the directory's file system, so a batch costs one
+thread hop and one sync, not a hop and two fsyncs per message (where syncfs is
+missing: an fsync per file and one of the directory per batch). Profiled before this:
+file creation, the per-message thread hops and their hand-back to trio were the cost.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import trio
 
 from smtpproxy.delivery.providers.base import Delivery, ProviderSpec, ProviderType, SettingInfo
@@ -25,34 +28,47 @@ from smtpproxy.models import Outcome
 from smtpproxy.runtime.libc import HAS_SYNCFS, syncfs
 
 
-class GroupSync:
-    """One sync for many writers: sync() returns once a sync that started after the
-    call has finished (so it covers every write made before the call); callers that
-    arrive while one runs share the next one."""
+@attrs.define
+class _Waiting:
+    delivery: Delivery
+    done: bool = False
+    error: OSError | None = None
 
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self._sync = sync
-        self._started = 0  # syncs started so far
-        self._finished = 0  # the last sync (by number) that finished without error
+
+class BatchWriter:
+    """Deliveries written by one thread call, then made durable by one sync: callers
+    that arrive while a batch is being written go into the next batch, so a burst
+    costs a thread hop and a sync per batch, not per message."""
+
+    def __init__(self, write: Callable[[list[Delivery]], list[OSError | None]]) -> None:
+        self._write = write  # per delivery: None once durable, or the OSError
+        self._pending: list[_Waiting] = []
         self._running = False
         self._changed = trio.Event()
 
-    async def sync(self) -> None:
-        needed = self._started + 1  # one still running started before our writes
-        while self._finished < needed:
+    async def submit(self, delivery: Delivery) -> None:
+        """Return once the delivery is written and durable; OSError if it could not be."""
+        me = _Waiting(delivery)
+        self._pending.append(me)
+        while not me.done:
             if self._running:
                 await self._changed.wait()
                 continue
+            batch, self._pending = self._pending, []
             self._running = True
-            self._started += 1
-            number = self._started
             try:
-                await trio.to_thread.run_sync(self._sync)
-                self._finished = number
+                errors = await trio.to_thread.run_sync(self._write, [w.delivery for w in batch])
+                for waiting, error in zip(batch, errors, strict=True):
+                    waiting.done, waiting.error = True, error
             finally:
+                for waiting in batch:  # the write itself failed: every one of them
+                    if not waiting.done:
+                        waiting.done, waiting.error = True, OSError(errno.EIO, "write failed")
                 self._running = False
                 self._changed.set()
                 self._changed = trio.Event()
+        if me.error is not None:
+            raise me.error
 
 
 def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
@@ -77,10 +93,29 @@ class FileProvider:
     def __init__(self, spec: ProviderSpec) -> None:
         self.spec = spec
         self.directory = Path(spec.require("path"))
-        self._group = GroupSync(lambda: syncfs(self.directory)) if HAS_SYNCFS else None
+        self._writer = BatchWriter(self._write_batch)
 
-    def _write(self, delivery: Delivery) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def _write_batch(self, batch: list[Delivery]) -> list[OSError | None]:
+        """Write every delivery's files, then make them durable: one syncfs for the
+        batch, or (without syncfs) an fsync per file and one of the directory."""
+        errors: list[OSError | None] = []
+        for delivery in batch:
+            try:
+                self._write_one(delivery, fsync=not HAS_SYNCFS)
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        if any(e is None for e in errors):
+            try:
+                if HAS_SYNCFS:
+                    syncfs(self.directory)
+                else:
+                    _fsync_path(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                errors = [e or exc for e in errors]
+        return errors
+
+    def _write_one(self, delivery: Delivery, *, fsync: bool) -> None:
         envelope = {
             "message_id": delivery.message_id,
             "mail_from": delivery.mail_from,
@@ -88,32 +123,37 @@ class FileProvider:
             "tenant_id": delivery.tenant_id,
             "account_id": delivery.account_id,
         }
-        per_file = self._group is None
-        _write_atomic(self.directory / f"{delivery.message_id}.eml", delivery.body, fsync=per_file)
+        eml = self.directory / f"{delivery.message_id}.eml"
+        try:
+            _write_atomic(eml, delivery.body, fsync=fsync)
+        except FileNotFoundError:  # the directory is not there (yet, or any more)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _write_atomic(eml, delivery.body, fsync=fsync)
         _write_atomic(
             self.directory / f"{delivery.message_id}.json",
             json.dumps(envelope, indent=2).encode() + b"\n",
-            fsync=per_file,
+            fsync=fsync,
         )
-        if per_file:  # the renames
-            _fsync_path(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        return f"{delivery.message_id}.eml"
 
     async def send(self, delivery: Delivery) -> Outcome:
         try:
-            name = await trio.to_thread.run_sync(self._write, delivery)
-            if self._group is not None:
-                await self._group.sync()
+            await self._writer.submit(delivery)
         except OSError as exc:
             return Outcome.retry(f"cannot write to {self.directory}: {exc.strerror}")
-        return Outcome.delivered(name)
+        return Outcome.delivered(f"{delivery.message_id}.eml")
 
     async def aclose(self) -> None:
         return None
 
 
+# deliveries in flight: they wait together for one sync, so the more there are, the
+# fewer syncs per message (a sync took 30-60 ms under load; with 20 in flight the
+# provider delivered ~320 msgs/s)
+MAX_CONNECTIONS = 256
+
 TYPE = ProviderType(
     name="file",
     factory=FileProvider,
+    max_connections=MAX_CONNECTIONS,
     settings={"path": SettingInfo("directory the .eml and .json files are written to", True)},
 )
