@@ -373,6 +373,9 @@ def process_config(
     name: str,
     smtp: dict[str, Any] | None = None,
     delivery: dict[str, Any] | None = None,
+    *,
+    run: dict[str, Any] | None = None,
+    health: int = 0,
 ) -> Path:
     return write_config(
         tmp_path / f"{name}.toml",
@@ -381,9 +384,10 @@ def process_config(
             "smtp": smtp or {"listen": ["127.0.0.1:0"]},
             "database": {"url": pg_url},
             "redis": {"url": redis_url, "key_prefix": prefix},
-            "health": {"listen": "127.0.0.1:0"},
+            "health": {"listen": f"127.0.0.1:{health}"},
             "security": {"secret_key": KEY},
             "delivery": {**FAST, "concurrency": 8} if delivery is None else delivery,
+            "run": run or {},
         },
     )
 
@@ -462,18 +466,10 @@ async def test_one_run_command_serves_with_two_processes(
     health endpoint adds up both processes' counters; a worker killed with SIGKILL is
     started again; SIGTERM stops both, cleanly."""
     port, health = free_port(), free_port()
-    config = write_config(
-        tmp_path / "two.toml",
-        {
-            "data_dir": str(tmp_path / "data"),
-            "run": {"processes": 2, "delivery_processes": 0},
-            "smtp": {"listen": [f"127.0.0.1:{port}"]},
-            "database": {"url": pg_url},
-            "redis": {"url": redis_url, "key_prefix": key_prefix},
-            "health": {"listen": f"127.0.0.1:{health}"},
-            "security": {"secret_key": KEY},
-            "delivery": {**FAST, "concurrency": 8},
-        },
+    config = process_config(
+        *(tmp_path, pg_url, redis_url, key_prefix, "two", {"listen": [f"127.0.0.1:{port}"]}),
+        run={"processes": 2, "delivery_processes": 0},
+        health=health,
     )
     proc = SmtpProxyProcess(config)
     try:
@@ -529,18 +525,10 @@ async def test_a_delivery_process_delivers_beside_the_smtp_process(
     up both; the delivery process killed with SIGKILL is started again and delivers the
     mail accepted meanwhile; SIGTERM stops both, cleanly."""
     port, health = free_port(), free_port()
-    config = write_config(
-        tmp_path / "split.toml",
-        {
-            "data_dir": str(tmp_path / "data"),
-            "run": {"delivery_processes": 1},
-            "smtp": {"listen": [f"127.0.0.1:{port}"]},
-            "database": {"url": pg_url},
-            "redis": {"url": redis_url, "key_prefix": key_prefix},
-            "health": {"listen": f"127.0.0.1:{health}"},
-            "security": {"secret_key": KEY},
-            "delivery": {**FAST, "concurrency": 8},
-        },
+    config = process_config(
+        *(tmp_path, pg_url, redis_url, key_prefix, "split", {"listen": [f"127.0.0.1:{port}"]}),
+        run={"delivery_processes": 1},
+        health=health,
     )
     proc = SmtpProxyProcess(config)
     try:
@@ -583,16 +571,8 @@ async def test_a_worker_stops_when_its_primary_is_killed(
 ) -> None:
     """SIGKILL to the primary: its delivery process notices and exits on its own
     (nobody is left to stop it)."""
-    config = write_config(
-        tmp_path / "orphan.toml",
-        {
-            "data_dir": str(tmp_path / "data"),
-            "run": {"delivery_processes": 1},
-            "smtp": {"listen": ["127.0.0.1:0"]},
-            "database": {"url": pg_url},
-            "redis": {"url": redis_url, "key_prefix": key_prefix},
-            "security": {"secret_key": KEY},
-        },
+    config = process_config(
+        tmp_path, pg_url, redis_url, key_prefix, "orphan", run={"delivery_processes": 1}
     )
     proc = SmtpProxyProcess(config)
     try:
