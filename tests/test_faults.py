@@ -478,11 +478,7 @@ async def test_one_run_command_serves_with_two_processes(
             while await run(lambda: http_status(health, "/readyz")) != 200:
                 await trio.sleep(0.1)  # the worker is ready too
         [worker] = children(proc.proc.pid)
-        results = [await run(lambda: try_send(port, account["password"])) for _ in range(40)]
-        ids = {mid for code, mid in results if code == "250"}
-        await wait_delivered(fake, ids)
-        merged = await run(lambda: http_text(health, "/metrics"))
-        own = await run(lambda: http_text(health, "/metrics/process"))
+        ids, merged, own = await send_and_scrape(40, port, health, account, fake)
 
         os.kill(worker, signal.SIGKILL)
         with trio.fail_after(60):
@@ -535,11 +531,7 @@ async def test_a_delivery_process_delivers_beside_the_smtp_process(
         await run(proc.wait_ready)
         assert await run(lambda: http_status(health, "/readyz")) == 200  # worker included
         [worker] = children(proc.proc.pid)
-        results = [await run(lambda: try_send(port, account["password"])) for _ in range(20)]
-        ids = {mid for code, mid in results if code == "250"}
-        await wait_delivered(fake, ids)
-        merged = await run(lambda: http_text(health, "/metrics"))
-        own = await run(lambda: http_text(health, "/metrics/process"))
+        ids, merged, own = await send_and_scrape(20, port, health, account, fake)
 
         os.kill(worker, signal.SIGKILL)
         later = {(await run(lambda: try_send(port, account["password"])))[1] for _ in range(5)}
@@ -593,6 +585,19 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):
         return ""
+
+
+async def send_and_scrape(
+    count: int, port: int, health: int, account: dict[str, Any], fake: FakeSendGrid
+) -> tuple[set[str], str, str]:
+    """Send count messages, wait until each is delivered; the ids of those that got
+    250, then the health endpoint's /metrics (every process) and /metrics/process."""
+    results = [await run(lambda: try_send(port, account["password"])) for _ in range(count)]
+    ids = {mid for code, mid in results if code == "250"}
+    await wait_delivered(fake, ids)
+    merged = await run(lambda: http_text(health, "/metrics"))
+    own = await run(lambda: http_text(health, "/metrics/process"))
+    return ids, merged, own
 
 
 def http_text(port: int, path: str) -> str:
