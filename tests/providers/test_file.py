@@ -102,7 +102,9 @@ async def test_a_batch_that_raises_fails_its_callers_and_the_next_one_is_written
             for i in range(3):
                 nursery.start_soon(caller, i)
         await writer.submit(numbered(9))
-    assert writes.batches[:2] == [["m0"], ["m1", "m2"]]
+    first, second = writes.batches[:2]  # trio starts the three in any order
+    assert (len(first), len(second)) == (1, 2)
+    assert sorted(first + second) == ["m0", "m1", "m2"]
     assert sorted(outcomes) == ["ok", "oserror", "raised"]
     assert writes.batches[-1] == ["m9"]
 
