@@ -73,3 +73,17 @@ def redis_url(cfg: Config) -> str:
         except Exception as exc:
             raise UnavailableError(f"embedded Redis failed to start: {exc}") from exc
     return f"unix://{_HANDLES[key].socket_file}"
+
+
+def worker_environment(cfg: Config) -> dict[str, str]:
+    """Environment for the processes `smtpproxy run` starts (run.processes,
+    run.delivery_processes): the addresses of the embedded servers this process runs,
+    so that workers connect to them without becoming their users. Only this process
+    then stops them, after its workers: with every process a user, two exiting at once
+    each saw the other still there, and PostgreSQL was left running."""
+    env = {}
+    if cfg.database.url == EMBEDDED:
+        env["SMTPPROXY_DATABASE_URL"] = database_url(cfg)
+    if cfg.redis.url == EMBEDDED:
+        env["SMTPPROXY_REDIS_URL"] = redis_url(cfg)
+    return env

@@ -39,6 +39,7 @@ import trio
 from loguru import logger
 
 from smtpproxy.config import Config
+from smtpproxy.runtime import embedded
 from smtpproxy.runtime.supervise import Backoff
 
 WORKER_ENV = "SMTPPROXY_WORKER"  # "<index>:<fd>:<primary pid>[:d]", for a worker only
@@ -221,7 +222,11 @@ class Workers:
     async def _run_once(self, worker: Worker) -> int | None:
         read_fd, write_fd = os.pipe()
         role = Role(worker.index, write_fd, os.getpid(), delivery_only=worker.delivery_only)
-        env = {**self._environ, WORKER_ENV: role.env_value}
+        env = {
+            **self._environ,
+            **embedded.worker_environment(self._cfg),
+            WORKER_ENV: role.env_value,
+        }
         try:
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "smtpproxy", "run"],
