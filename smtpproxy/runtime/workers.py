@@ -83,8 +83,6 @@ def process_config(cfg: Config, role: Role) -> Config:
         cfg = attrs.evolve(cfg, smtp=attrs.evolve(cfg.smtp, reuse_port=True))
     if role.primary:
         return cfg
-    if role.primary:
-        return cfg
     log_file = cfg.log_file_path.with_suffix(f".worker{role.index}{cfg.log_file_path.suffix}")
     return attrs.evolve(
         cfg,
@@ -139,14 +137,13 @@ def delivers_here(role: Role, cfg: Config, workers: Workers | None) -> bool:
     if role.delivery_only:
         return True
     if role.primary:
-        return workers is None or not any(w.delivery_only for w in workers.workers)
+        return workers is None or not any(w.role.delivery_only for w in workers.workers)
     return cfg.run.delivery_processes == 0
 
 
 @attrs.define
 class Worker:
-    index: int
-    delivery_only: bool = False
+    role: Role  # which process; its pipe and the primary's pid are added at each start
     process: trio.Process | None = None
     health_port: int | None = None  # set when it reported ready
 
@@ -159,7 +156,7 @@ class Workers:
         self._environ = dict(os.environ if environ is None else environ)
         if cfg.source:  # a worker reads the same file, wherever it was found
             self._environ["SMTPPROXY_CONFIG"] = str(Path(cfg.source).resolve())
-        self.workers = [Worker(r.index, r.delivery_only) for r in worker_roles(cfg)]
+        self.workers = [Worker(role) for role in worker_roles(cfg)]
         self.stopping = False
         self._reported = trio.Event()  # set when a worker reports ready
 
@@ -170,7 +167,7 @@ class Workers:
 
     async def check(self) -> None:
         """For /readyz: every worker is running and ready."""
-        down = [str(w.index) for w in self.workers if w.health_port is None]
+        down = [str(w.role.index) for w in self.workers if w.health_port is None]
         if down:
             raise RuntimeError(f"worker {', '.join(down)} not ready (starting or restarting)")
 
@@ -213,7 +210,7 @@ class Workers:
             wait = backoff.after_run(trio.current_time() - started)
             logger.error(
                 "worker {} exited unexpectedly ({}); starting it again in {:.0f} s",
-                worker.index,
+                worker.role.index,
                 f"code {code}" if code is not None else "not ready in time",
                 wait,
             )
@@ -221,7 +218,7 @@ class Workers:
 
     async def _run_once(self, worker: Worker) -> int | None:
         read_fd, write_fd = os.pipe()
-        role = Role(worker.index, write_fd, os.getpid(), delivery_only=worker.delivery_only)
+        role = attrs.evolve(worker.role, report_fd=write_fd, primary_pid=os.getpid())
         env = {
             **self._environ,
             **embedded.worker_environment(self._cfg),
@@ -237,8 +234,8 @@ class Workers:
         finally:
             os.close(write_fd)
         worker.process = process
-        kind = "delivery worker" if worker.delivery_only else "worker"
-        logger.info("started {} {} (pid {})", kind, worker.index, process.pid)
+        kind = "delivery worker" if role.delivery_only else "worker"
+        logger.info("started {} {} (pid {})", kind, role.index, process.pid)
         try:
             port = await self._ready_port(read_fd)
             if port is None:
@@ -283,7 +280,7 @@ class Workers:
                     await worker.process.wait()
         for worker in self.workers:
             if worker.process is not None and worker.process.returncode is None:
-                logger.warning("worker {} did not stop in time: killed", worker.index)
+                logger.warning("worker {} did not stop in time: killed", worker.role.index)
                 worker.process.kill()
 
 
