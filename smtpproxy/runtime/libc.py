@@ -1,4 +1,5 @@
-"""The process's C library, for the calls Python's os module lacks (syncfs, mallopt).
+"""The process's C library, for the calls Python's os module lacks (syncfs, mallopt),
+and the two ways files are made durable (syncfs of a file system, fsync of a directory).
 
 dlopen(NULL) gives the symbols already loaded into the process, the C library's among
 them, without find_library's search (which runs ldconfig in a subprocess). A function
@@ -24,5 +25,14 @@ def syncfs(directory: Path) -> None:
         if libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the names in directory durable (created, renamed, removed entries)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)

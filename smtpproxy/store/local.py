@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from smtpproxy.errors import BodyNotFound, StoreUnavailable
-from smtpproxy.runtime.libc import HAS_SYNCFS, syncfs
+from smtpproxy.runtime.libc import HAS_SYNCFS, fsync_directory, syncfs
 from smtpproxy.store.base import QUARANTINE, StoredObject, StoreError, get_each
 
 _TMP_MARK = ".tmp-"
@@ -92,19 +92,11 @@ class LocalStore:
             tmp.unlink(missing_ok=True)  # never leave a half-written temp file
             raise
         if fsync:
-            self._fsync_dir(final.parent)
+            fsync_directory(final.parent)
             if new_dir:  # the new directory's own entry must be durable too
-                self._fsync_dir(final.parent.parent)
-                self._fsync_dir(self.base)
+                fsync_directory(final.parent.parent)
+                fsync_directory(self.base)
         return final
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         written: list[Path] = []

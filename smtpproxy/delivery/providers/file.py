@@ -25,7 +25,7 @@ import trio
 
 from smtpproxy.delivery.providers.base import Delivery, ProviderSpec, ProviderType, SettingInfo
 from smtpproxy.models import Outcome
-from smtpproxy.runtime.libc import HAS_SYNCFS, syncfs
+from smtpproxy.runtime.libc import HAS_SYNCFS, fsync_directory, syncfs
 
 
 @attrs.define
@@ -71,14 +71,6 @@ class BatchWriter:
             raise me.error
 
 
-def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes, *, fsync: bool) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     with tmp.open("wb") as f:
@@ -110,7 +102,7 @@ class FileProvider:
                 if HAS_SYNCFS:
                     syncfs(self.directory)
                 else:
-                    _fsync_path(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+                    fsync_directory(self.directory)
             except OSError as exc:
                 errors = [e or exc for e in errors]
         return errors
