@@ -229,13 +229,13 @@ def classify(
     code = error_code(headers, body)
     message = (body.get("message") or body.get("Message")) if body else text
     message = http.short(_redact(str(message or ""), redact))
-    detail = f"SES {code or 'error'}" + (f": {message}" if message else "")
-    detail = _redact(f"HTTP {status}: {detail}", redact)
+    said = _redact(f"SES {code or 'error'}" + (f": {message}" if message else ""), redact)
     if code in PERMANENT_CODES:
-        return Outcome.permanent(detail)
-    if code in RETRY_CODES or status in (408, 425, 429) or status >= 500:
-        return Outcome.retry(detail, http.parse_retry_after(headers.get("retry-after")))
-    return Outcome.permanent(detail)
+        return Outcome.permanent(f"HTTP {status}: {said}")
+    if code in RETRY_CODES:
+        retry_after = http.parse_retry_after(headers.get("retry-after"))
+        return Outcome.retry(f"HTTP {status}: {said}", retry_after)
+    return http.classify_status(status, headers, said)  # by status, as any JSON API
 
 
 class CredentialChain:
