@@ -19,34 +19,27 @@ from smtpproxy.delivery.providers.base import (
     ProviderType,
 )
 
-# type name -> the module (in this package) whose TYPE it is
-_MODULES = {
-    "file": "file",
-    "sendgrid": "sendgrid",
-    "ses": "ses",
-    "mailgun": "mailgun",
-    "msgraph": "msgraph",
-    "postmark": "postmark",
-    "smtp": "smtp",
-}
+# every type's name, which is also the name of its module in this package
+_NAMES = ("file", "sendgrid", "ses", "mailgun", "msgraph", "postmark", "smtp")
 
 
 class _Types(Mapping[str, ProviderType]):
     """The provider types by name; a type's module is imported on first lookup."""
 
     def __getitem__(self, name: str) -> ProviderType:
-        module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-        ptype: ProviderType = module.TYPE
+        if name not in _NAMES:
+            raise KeyError(name)
+        ptype: ProviderType = importlib.import_module(f"{__name__}.{name}").TYPE
         return ptype
 
     def __contains__(self, name: object) -> bool:
-        return name in _MODULES  # Mapping's own would import the module
+        return name in _NAMES  # Mapping's own would import the module
 
     def __iter__(self) -> Iterator[str]:
-        return iter(_MODULES)
+        return iter(_NAMES)
 
     def __len__(self) -> int:
-        return len(_MODULES)
+        return len(_NAMES)
 
 
 TYPES: Mapping[str, ProviderType] = _Types()
