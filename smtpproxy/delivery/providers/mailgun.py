@@ -27,7 +27,6 @@ import json
 import re
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
 
 import attrs
 
@@ -119,11 +118,8 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
     """200 is delivered (the id Mailgun queued); see the module docstring for the rest."""
     if 200 <= status < 300:
         message_id: str | None = None
-        try:
-            data: Any = json.loads(text)
-        except ValueError:
-            data = None
-        if isinstance(data, dict) and isinstance(data.get("id"), str) and data["id"]:
+        data = http.json_object(text)
+        if isinstance(data.get("id"), str) and data["id"]:
             message_id = data["id"]
         return Outcome.delivered(message_id, detail=f"HTTP {status}")
     detail = _error_detail(text)

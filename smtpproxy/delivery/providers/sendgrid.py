@@ -162,13 +162,10 @@ def build_request(delivery: Delivery) -> dict[str, Any]:
 
 
 def _error_detail(text: str) -> str:
-    try:
-        errors = json.loads(text).get("errors") or []
-        msgs = [str(e.get("message", "")) for e in errors if isinstance(e, dict)]
-        if msgs:
-            return "; ".join(m for m in msgs if m)
-    except (ValueError, AttributeError):
-        pass
+    errors = http.json_object(text).get("errors") or []
+    msgs = [str(e.get("message", "")) for e in errors if isinstance(e, dict)]
+    if msgs:
+        return "; ".join(m for m in msgs if m)
     return http.short(text)
 
 
