@@ -35,7 +35,7 @@ from tests.conftest import make_config
 from tests.support import serving, smtp
 from tests.support.fake_sendgrid import FakeSendGrid
 from tests.support.faults import RedisProcess, TcpProxy
-from tests.support.process import SmtpProxyProcess, write_config
+from tests.support.process import SmtpProxyProcess, running, write_config
 
 pytestmark = pytest.mark.slow
 run = trio.to_thread.run_sync
@@ -572,19 +572,11 @@ async def test_a_worker_stops_when_its_primary_is_killed(
         [worker] = children(proc.proc.pid)
         proc.proc.kill()
         with trio.fail_after(30):
-            while _state(worker) not in ("", "Z"):
+            while running(worker):
                 await trio.sleep(0.1)
     finally:
         await run(proc.stop)
     assert any("the primary process exited: stopping" in m for m in proc.messages("WARNING"))
-
-
-def _state(pid: int) -> str:
-    """A process's state letter (Z: exited, waiting to be reaped), "" once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
 
 
 async def send_and_scrape(

@@ -7,13 +7,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from smtpproxy.config import Config, default_delivery_processes, structure
 from smtpproxy.runtime.workers import WORKER_ENV, Role, Workers, delivers_here, worker_roles
+from tests.support.process import running
 
 
 def config(**run: Any) -> Config:
@@ -96,14 +96,6 @@ print("primary exited", flush=True)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 def test_a_worker_outlives_the_thread_that_started_it_and_not_its_primary() -> None:
     """The thread that started the worker exits at once: the worker keeps running (with
     PR_SET_PDEATHSIG it was stopped then); its parent killed, it notices within seconds."""
@@ -114,12 +106,12 @@ def test_a_worker_outlives_the_thread_that_started_it_and_not_its_primary() -> N
             assert parent.stdout is not None
             child = int(parent.stdout.readline())
             time.sleep(0.5)
-            assert _alive(child)  # the starting thread is gone
+            assert running(child)  # the starting thread is gone
             parent.kill()
             parent.wait(timeout=10)
             deadline = time.monotonic() + 10
-            while _alive(child) and time.monotonic() < deadline:
+            while running(child) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert not _alive(child)
+            assert not running(child)
         finally:
             parent.kill()

@@ -108,3 +108,13 @@ class SmtpProxyProcess:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return code
+
+
+def running(pid: int) -> bool:
+    """Whether a process is still running: neither gone nor exited and waiting to be
+    reaped (state Z in /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
