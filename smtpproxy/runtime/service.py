@@ -185,12 +185,12 @@ async def serve(
                     reload_tls=ingress.reload_tls if ingress else _no_tls,
                 )
             )
-            if health_bound is not None:
-                report_ready(role, health_bound[1])
-            if not role.primary:
+            if not role.primary:  # logged before the primary hears it, so it comes first
                 logger.info("worker {} ready", role.index)
             elif workers is None:
                 logger.info("smtpproxy ready")
+            if health_bound is not None:
+                report_ready(role, health_bound[1])
 
             await stop.wait()
             logger.info("shutting down: draining for up to {:.0f} s", cfg.delivery.shutdown_grace)
