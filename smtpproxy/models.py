@@ -165,3 +165,4 @@ class Submission:
     headers: HeaderSummary
     storage_key: str
     sha256: str
+    device: str | None = None  # the registered device that sent it without AUTH

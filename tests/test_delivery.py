@@ -78,6 +78,7 @@ async def test_default_route_delivers_exact_bytes(
     assert envelope["mail_from"] == "alice@example.com"
     assert envelope["rcpt_to"] == ["bob@example.org"]
     assert row["provider_name"] == "outbox" and row["attempts"] == 1
+    assert row["device"] is None  # it logged in
     [entry] = logs(pg_url, mid)
     assert entry["status"] == "delivered"
     assert entry["provider_name"] == "outbox"

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 import trio
+from cryptography.fernet import Fernet
 from loguru import logger
 
 from smtpproxy import admin
@@ -28,6 +29,8 @@ from smtpproxy.models import AccountIdentity
 from smtpproxy.runtime.service import Running
 from tests.conftest import PASSWORD, make_config
 from tests.support import serving, smtp
+from tests.support.cli import config_settings, run_cli
+from tests.support.process import write_config
 from tests.support.serving import add_file_provider, wait_status
 
 run = trio.to_thread.run_sync
@@ -215,6 +218,18 @@ async def test_a_registered_network_sends_without_auth_on_the_device_listener_on
     others = [s for s in sessions if "device" not in s]
     assert [(s["client_ip"], s["account"]) for s in others] == [(PRINTER, None), (STRANGER, None)]
     assert b'smtpproxy_smtp_device_sessions_total{device="printer"} 3' in metrics
+    assert [row["device"] for row in rows] == ["printer", "printer"]
+    config = write_config(
+        tmp_path / "cli.toml",
+        config_settings(tmp_path, pg_url, redis_url, key_prefix, Fernet.generate_key().decode()),
+    )
+    story = run_cli(config, "message", "show", rows[0]["id"], check=True).stdout
+    shown = json.loads(run_cli(config, "message", "show", rows[0]["id"], "--json").stdout)
+    owner = json.loads(run_cli(config, "account", "show", "app", "--json", check=True).stdout)
+    assert f"from {PRINTER}, device printer" in story
+    assert shown["device"] == "printer"
+    assert f"SMTP 250 from {PRINTER} (device printer) as app" in story
+    assert owner["devices"] == ["printer"]
 
 
 async def wait_for_reply(port: int, source: str, code: int, timeout: float = 10) -> float:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from smtpproxy.admin.accounts import (
     account,
+    account_devices,
     account_messages,
     add_account,
     delete_account,
@@ -106,6 +107,7 @@ __all__ = [
     "Row",
     "Unset",
     "account",
+    "account_devices",
     "account_messages",
     "add_account",
     "add_provider",

@@ -125,6 +125,11 @@ def account_messages(conn: Conn, account_id: int) -> dict[str, int]:
     return {k: int(v) for k, v in row.items()}
 
 
+def account_devices(conn: Conn, account_id: int) -> list[str]:
+    """The names of the devices that send as the account (smtpproxy device)."""
+    return [str(r[0]) for r in conn.execute(Q.account_devices, (account_id,)).fetchall()]
+
+
 def set_account_status(conn: Conn, username: str, status: str) -> bool:
     """Disable ('disabled') or enable ('active') an account; False when it already was.
 
@@ -162,7 +167,7 @@ def _deletable_account(
     conn: Conn, username: str, with_history: bool, *, lock: bool
 ) -> tuple[Row, dict[str, int], list[int]]:
     a = account(conn, username, lock=lock)
-    used_by = [str(r[0]) for r in conn.execute(Q.account_devices, (a["id"],)).fetchall()]
+    used_by = account_devices(conn, a["id"])
     if used_by:
         raise ConflictError(
             f"account {username!r} is used by {plural(len(used_by), 'device')} "

@@ -130,7 +130,8 @@ def list_(
 def show(ctx: typer.Context, username: str = UsernameArgument, as_json: bool = JsonOption) -> None:
     """Show one account (never its password).
 
-    Also counts its live (queued, retrying, sending) and finished messages.
+    Also counts its live (queued, retrying, sending) and finished messages, and names
+    the devices that send as it (`smtpproxy device`).
 
     Example: [bold]smtpproxy account show app1[/bold]
     """
@@ -139,9 +140,11 @@ def show(ctx: typer.Context, username: str = UsernameArgument, as_json: bool = J
     with admin_database(ctx, "read accounts", "viewer") as conn:
         row = admin.account(conn, username)
         messages = admin.account_messages(conn, row["id"])
+        devices = admin.account_devices(conn, row["id"])
     shown = {c: row[c] for c in COLUMNS}
     shown["live_messages"] = messages["live"]
     shown["finished_messages"] = messages["finished"]
+    shown["devices"] = devices
     emit_object(shown, as_json)
 
 

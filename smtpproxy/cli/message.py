@@ -92,7 +92,8 @@ def _human(r: dict[str, Any], now: datetime) -> None:  # noqa: PLR0912 - one row
         status.append(f", claimed by {r['claimed_by']} at {format_time(r['claimed_at'])} UTC")
     row("status", status)
     row("tenant", f"{r['tenant']}  (account {r['account']})")
-    row("accepted", f"{format_time(r['created_at'])} UTC from {r['client_ip'] or '-'}")
+    device = f", device {r['device']}" if r.get("device") else ""
+    row("accepted", f"{format_time(r['created_at'])} UTC from {r['client_ip'] or '-'}{device}")
     row("from", r["mail_from"] or "<>")
     row("to", ", ".join(r["rcpt_to"]))
     row("subject", r["subject"] or "-")

@@ -68,6 +68,7 @@ def row_columns(subs: list[Submission]) -> list[list[object]]:
         [s.sha256 for s in subs],
         [s.storage_key for s in subs],
         [s.client_ip for s in subs],
+        [s.device for s in subs],
     ]
 
 

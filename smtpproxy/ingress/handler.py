@@ -160,6 +160,7 @@ class IngressHandler:
             headers=headers,
             storage_key=key_for(mid),
             sha256=hashlib.sha256(body).hexdigest(),
+            device=session.device,
         )
         try:
             reply: str = await self._commit.submit(sub)

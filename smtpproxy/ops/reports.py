@@ -310,6 +310,11 @@ def body_state(message: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _device(message: Mapping[str, Any]) -> str:
+    """The words " (device NAME)" when a registered device sent it, else nothing."""
+    return f" (device {message['device']})" if message.get("device") else ""
+
+
 def timeline(
     message: Mapping[str, Any],
     children: Sequence[Mapping[str, Any]],
@@ -324,8 +329,8 @@ def timeline(
             "at": message["created_at"],
             "event": "accepted",
             "message_id": mid,
-            "detail": f"SMTP 250 from {message['client_ip'] or 'unknown address'} "
-            f"as {message['account']}: {message['size']:,} bytes, "
+            "detail": f"SMTP 250 from {message['client_ip'] or 'unknown address'}"
+            f"{_device(message)} as {message['account']}: {message['size']:,} bytes, "
             f"{n} recipient{'s' if n != 1 else ''}",
         }
     ]

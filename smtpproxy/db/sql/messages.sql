@@ -12,9 +12,9 @@ WITH input AS (
     SELECT u.*, ARRAY(SELECT jsonb_array_elements_text(u.rcpt_json)) AS rcpt_to
     FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::jsonb[],
                 %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-                %s::int[], %s::text[], %s::text[], %s::text[])
+                %s::int[], %s::text[], %s::text[], %s::text[], %s::text[])
         AS u(id, tenant_id, account_id, mail_from, rcpt_json, subject, header_message_id,
-             header_from, header_to, header_cc, size, sha256, storage_key, client_ip)
+             header_from, header_to, header_cc, size, sha256, storage_key, client_ip, device)
 ),
 dups AS (
     SELECT DISTINCT ON (i.id) i.id AS new_id, m.id AS original_id
@@ -32,10 +32,11 @@ dups AS (
 inserted AS (
     INSERT INTO messages (
         id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
-        header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status)
+        header_from, header_to, header_cc, size, sha256, storage_key, client_ip, device,
+        status)
     SELECT i.id, i.tenant_id, i.account_id, i.mail_from, i.rcpt_to, i.subject,
            i.header_message_id, i.header_from, i.header_to, i.header_cc, i.size, i.sha256,
-           i.storage_key, i.client_ip, 'queued'
+           i.storage_key, i.client_ip, i.device, 'queued'
     FROM input i WHERE i.id NOT IN (SELECT new_id FROM dups)
 )
 SELECT new_id, original_id FROM dups
@@ -149,22 +150,22 @@ UPDATE messages SET updated_at = now() WHERE id = ANY(%s) AND status IN ('queued
 -- retried later without re-sending to the recipients that were delivered.
 INSERT INTO messages (
     id, parent_id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
-    header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status,
+    header_from, header_to, header_cc, size, sha256, storage_key, client_ip, device, status,
     attempts, next_attempt_at, route_override, created_at)
 SELECT %(child_id)s, id, tenant_id, account_id, mail_from, %(rcpt_to)s, subject,
        header_message_id, header_from, header_to, header_cc, size, sha256, storage_key,
-       client_ip, 'retrying', attempts, %(next_attempt_at)s, route_override, created_at
+       client_ip, device, 'retrying', attempts, %(next_attempt_at)s, route_override, created_at
 FROM messages WHERE id = %(parent_id)s
 
 -- name: split_message
 -- A child row per route group shares the parent's body; the parent becomes final.
 INSERT INTO messages (
     id, parent_id, tenant_id, account_id, mail_from, rcpt_to, subject, header_message_id,
-    header_from, header_to, header_cc, size, sha256, storage_key, client_ip, status,
+    header_from, header_to, header_cc, size, sha256, storage_key, client_ip, device, status,
     route_override, created_at)
 SELECT %(child_id)s, id, tenant_id, account_id, mail_from, %(rcpt_to)s, subject,
        header_message_id, header_from, header_to, header_cc, size, sha256, storage_key,
-       client_ip, 'queued', route_override, created_at
+       client_ip, device, 'queued', route_override, created_at
 FROM messages WHERE id = %(parent_id)s
 
 -- name: adopt_legacy

@@ -115,7 +115,7 @@ LIMIT 101
 
 -- name: report_message
 SELECT m.id, m.parent_id, m.status, t.name AS tenant, a.username AS account,
-       m.created_at, m.client_ip, m.size, m.mail_from, m.rcpt_to, m.subject,
+       m.created_at, m.client_ip, m.device, m.size, m.mail_from, m.rcpt_to, m.subject,
        m.header_message_id, m.header_from, m.header_to, m.header_cc, m.sha256, m.storage_key,
        m.attempts, m.next_attempt_at, m.claimed_by, m.claimed_at, m.provider_name,
        m.provider_message_id, m.last_error, m.route_override, m.updated_at, m.finished_at,
