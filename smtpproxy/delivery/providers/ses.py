@@ -61,7 +61,10 @@ if TYPE_CHECKING:
 
 MAX_RECIPIENTS = 50
 MAX_MESSAGE_BYTES = 40 * 1000 * 1000
-DEFAULT_MAX_CONNECTIONS = 64  # calls in flight and connections kept
+# calls in flight and connections kept: at SES's ~100-200 ms a call, 256 allow more
+# than one delivery process sends; an account's sending-rate quota answers Throttling,
+# which halves the calls in flight (delivery/breaker.py), so a lower quota needs no change
+DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_ENDPOINT = "https://email.{region}.amazonaws.com"
 PATH = "/v2/email/outbound-emails"
 JSON_HEADERS = [("Content-Type", "application/json")]  # signed, with Host and X-Amz-Date
