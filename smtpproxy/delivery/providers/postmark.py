@@ -90,7 +90,7 @@ PATH = "/email"
 DEFAULT_STREAM = "outbound"
 MAX_RECIPIENTS = 50
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
-MAX_CONNECTIONS = 128  # calls in flight by default (429s halve it: delivery/breaker.py)
+MAX_CONNECTIONS = 256  # calls in flight by default (429s halve it: delivery/breaker.py)
 MAX_BODY_BYTES = 5 * 1024 * 1024  # TextBody and HtmlBody, each
 EMPTY_BODY = " "
 # written by Postmark from the request's fields, or stamped by Postmark when it sends
