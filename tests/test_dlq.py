@@ -62,7 +62,8 @@ async def dead_letters(
     nursery: trio.Nursery,
     n: int = 2,
 ) -> tuple[list[str], trio.Event]:
-    """n messages routed to a broken file provider, dead-lettered after 2 attempts."""
+    """n messages routed to a broken file provider, dead-lettered after 2 attempts (their
+    rows and their dead-letter stream entries)."""
     (tmp_path / "broken").write_text("a file, not a directory")
     add_file_provider(conn, "broken", tmp_path / "broken")
     add_file_provider(conn, "backup", tmp_path / "backup")
@@ -85,6 +86,14 @@ async def dead_letters(
         ids.append(smtp.queued_id(reply))
     for mid in ids:
         await wait_status(pg_url, mid, "dlq")
+    # the recorder adds the dead-letter stream entries after committing the status
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with trio.fail_after(10):
+            while not set(ids) <= {f["id"] for _, f in client.xrange(f"{key_prefix}:dlq")}:
+                await trio.sleep(0.05)
+    finally:
+        client.close()
     return ids, stop
 
 

@@ -11,7 +11,7 @@ import trio
 
 from smtpproxy import admin
 from tests.conftest import Service, make_config
-from tests.support import smtp
+from tests.support import serving, smtp
 from tests.support.serving import add_file_provider, wait_status
 
 run = trio.to_thread.run_sync
@@ -46,9 +46,11 @@ async def test_a_new_route_applies_without_restart(
             recipient_domain=None,
             account_name=None,
         )
-        conn.execute("NOTIFY smtpproxy_config, 'route'")
         started = trio.current_time()
-        await trio.sleep(1.5)  # "within about a second"
+        with serving.reloads() as reloaded:  # "within about a second" (more under load)
+            await serving.changed_and_reloaded(
+                reloaded, lambda: conn.execute("NOTIFY smtpproxy_config, 'route'"), "route"
+            )
         _, reply = await run(
             lambda: smtp.send(service.smtp_port, "app", account["password"], smtp.message())
         )

@@ -44,6 +44,20 @@ def failed_login(port: int) -> int:
     return 0
 
 
+def caught_up(
+    m: dict[str, dict[tuple[tuple[str, str], ...], float]],
+    delivered: tuple[tuple[str, str], ...],
+    count: int,
+) -> bool:
+    """Whether a scrape shows count deliveries counted, their stream entries gone and
+    no SMTP session open."""
+    return (
+        m.get("smtpproxy_deliveries_total", {}).get(delivered, 0) >= count
+        and m.get("smtpproxy_queue_stream_entries", {}).get(()) == 0
+        and m.get("smtpproxy_smtp_sessions_active", {}).get(()) == 0
+    )
+
+
 async def test_metrics_count_sessions_replies_ingest_and_delivery(
     cfg: Config, account: dict[str, Any], pg_url: str, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -67,14 +81,22 @@ async def test_metrics_count_sessions_replies_ingest_and_delivery(
         assert await run(lambda: failed_login(port)) == 535
         for mid in mids:
             await wait_status(pg_url, mid, "delivered")
-        status, content_type, body = await run(lambda: scrape(health))
+        tenant = ("tenant", str(account["tenant_id"]))
+        delivered = (("outcome", "delivered"), ("provider", "outbox"), tenant)
+        # the recorder acknowledges and counts a delivery after committing its row, and
+        # the ingress thread ends a session after its last reply: until they catch up
+        while True:
+            status, content_type, body = await run(lambda: scrape(health))
+            m = parse(body)
+            if caught_up(m, delivered, 3):
+                break
+            await trio.sleep(0.1)
         head = await run(lambda: scrape(health, "HEAD"))
     stop.set()
 
     assert status == 200
     assert content_type.startswith("text/plain; version=0.0.4")
     assert head[0] == 200 and head[2] == b""
-    m = parse(body)
     replies = m["smtpproxy_smtp_replies_total"]
     assert replies[(("code", "250"), ("command", "DATA"))] == 3
     assert replies[(("code", "220"), ("command", "CONNECT"))] == 5
@@ -93,8 +115,6 @@ async def test_metrics_count_sessions_replies_ingest_and_delivery(
     assert m["smtpproxy_message_bytes_accepted_total"][()] > 0
     assert m["smtpproxy_ingest_seconds_count"][()] == 3
     assert m["smtpproxy_ingest_seconds_bucket"][(("le", "+Inf"),)] == 3
-    tenant = ("tenant", str(account["tenant_id"]))
-    delivered = (("outcome", "delivered"), ("provider", "outbox"), tenant)
     assert m["smtpproxy_deliveries_total"][delivered] == 3
     assert m["smtpproxy_delivery_seconds_count"][(("provider", "outbox"), tenant)] == 3
     # queue gauges from PostgreSQL and Redis: everything was delivered

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import psycopg.rows
 import trio
+from loguru import logger
 
 from smtpproxy import admin
 from smtpproxy.config import Config
@@ -59,6 +62,37 @@ async def wait_status(
             if row is not None and row["status"] in statuses:
                 return row
             await trio.sleep(interval)
+
+
+RELOADED = "configuration reloaded ("
+
+
+@contextmanager
+def reloads() -> Iterator[list[str]]:
+    """The "configuration reloaded (kinds)" log lines of services running in this
+    process, collected while the block runs (see changed_and_reloaded)."""
+    lines: list[str] = []
+    sink = logger.add(
+        lambda m: (
+            lines.append(m.record["message"]) if m.record["message"].startswith(RELOADED) else None
+        )
+    )
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
+
+
+async def changed_and_reloaded(
+    reloaded: list[str], change: Callable[[], object], kind: str, timeout: float = 10
+) -> None:
+    """Make the change, then wait until a service has reloaded for a notification of
+    that kind sent after it (the reload comes within about a second, later under load)."""
+    seen = len(reloaded)
+    change()
+    with trio.fail_after(timeout):
+        while not any(kind in line for line in reloaded[seen:]):
+            await trio.sleep(0.05)
 
 
 def add_file_provider(
