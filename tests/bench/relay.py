@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import shutil
 import subprocess
 import sys
@@ -315,13 +316,21 @@ def ingest_alone(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def show(r: dict[str, Any]) -> None:
-    print(
-        f"[{r['target']}] {r['accepted']} messages in {r['elapsed']:.1f} s: "
-        f"{r['rate']:.0f} msgs/s end to end (ingest {r['ingest_rate']:.0f} msgs/s); "
-        f"CPU {r['cpu_ms']:.2f} ms/msg in the target, {r['machine_ms']:.2f} ms/msg "
-        f"machine-wide; peak RSS {r['rss_mb']:.0f} MB; not delivered: {r['not_delivered']}",
-        flush=True,
-    )
+    """One line per run; a figure the run did not measure (nan) is left out."""
+
+    def measured(key: str) -> bool:
+        return not math.isnan(r[key])
+
+    line = f"[{r['target']}] {r['accepted']} messages in {r['elapsed']:.1f} s: "
+    line += f"{r['rate']:.0f} msgs/s end to end"
+    if measured("ingest_rate"):
+        line += f" (ingest {r['ingest_rate']:.0f} msgs/s)"
+    if measured("cpu_ms"):
+        line += f"; CPU {r['cpu_ms']:.2f} ms/msg in the target, {r['machine_ms']:.2f} ms/msg "
+        line += f"machine-wide; peak RSS {r['rss_mb']:.0f} MB"
+    if measured("not_delivered"):
+        line += f"; not delivered: {r['not_delivered']}"
+    print(line, flush=True)
 
 
 def arguments() -> argparse.Namespace:
