@@ -73,6 +73,7 @@ def printer_send(
     tls: ssl.TLSVersion | None = None,
     login: bool = False,
     mail_from: str = "scanner@example.com",
+    rcpt_to: tuple[str, ...] = ("bob@example.org",),
 ) -> tuple[int, bytes]:
     """One transaction as a printer makes it, from `source`: optionally STARTTLS at
     `tls`, optionally AUTH; the first reply that is not a success, else DATA's."""
@@ -86,9 +87,10 @@ def printer_send(
         code, reply = client.mail(mail_from)
         if code != 250:
             return code, reply
-        code, reply = client.rcpt("bob@example.org")
-        if code != 250:
-            return code, reply
+        for rcpt in rcpt_to:
+            code, reply = client.rcpt(rcpt)
+            if code != 250:
+                return code, reply
         return client.data(smtp.message(sender=mail_from))
 
 
@@ -230,6 +232,48 @@ async def test_a_registered_network_sends_without_auth_on_the_device_listener_on
     assert shown["device"] == "printer"
     assert f"SMTP 250 from {PRINTER} (device printer) as app" in story
     assert owner["devices"] == ["printer"]
+
+
+async def test_the_parts_of_a_split_device_message_name_the_device(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    key_prefix: str,
+    conn: psycopg.Connection[Any],
+    account: dict[str, Any],
+    printed: Path,
+    nursery: trio.Nursery,
+) -> None:
+    """A device's message whose recipients take two routes is split in two; each part
+    is delivered through its own provider and still names the device that sent it."""
+    admin_devices.add_device(conn, "printer", f"{PRINTER}/32", "app", "")
+    add_file_provider(conn, "south", tmp_path / "south")
+    admin.add_route(
+        conn,
+        "acme",
+        "south",
+        priority=1,
+        sender_domain=None,
+        recipient_domain="south.example",
+        account_name=None,
+    )
+    _, stop, _, device_port = await start(nursery, tmp_path, pg_url, redis_url, key_prefix)
+    with trio.fail_after(60):
+        code, reply = await run(
+            lambda: printer_send(
+                device_port, PRINTER, rcpt_to=("bob@example.org", "carol@south.example")
+            )
+        )
+        mid = smtp.queued_id(reply)
+        parent = await wait_status(pg_url, mid, "split")
+        parts = [await wait_status(pg_url, f"{mid}.{n}", "delivered") for n in (1, 2)]
+    stop.set()
+    assert code == 250
+    assert parent["device"] == "printer"
+    assert sorted((p["provider_name"], p["rcpt_to"], p["device"]) for p in parts) == [
+        ("printed", ["bob@example.org"], "printer"),
+        ("south", ["carol@south.example"], "printer"),
+    ]
 
 
 async def wait_for_reply(port: int, source: str, code: int, timeout: float = 10) -> float:
