@@ -35,7 +35,7 @@ from tests.conftest import make_config
 from tests.support import serving, smtp
 from tests.support.fake_sendgrid import FakeSendGrid
 from tests.support.faults import RedisProcess, TcpProxy
-from tests.support.process import SmtpProxyProcess, running, write_config
+from tests.support.process import SmtpProxyProcess, children, running, write_config
 
 pytestmark = pytest.mark.slow
 run = trio.to_thread.run_sync
@@ -452,14 +452,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def children(pid: int) -> list[int]:
-    """The processes this one started (Linux /proc)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
 
 
 def by_worker(proc: SmtpProxyProcess, message: str) -> collections.Counter[int]:

@@ -20,6 +20,8 @@ from typing import Any
 import psycopg
 import redis
 
+from tests.support.process import SmtpProxyProcess, children, write_config
+
 # ext4 skips recently deleted inodes when it allocates new ones, for up to 5 minutes
 # after the deletion (docs/performance.md, "ext4 after deletions"): straight after a
 # run removed its 20,000 files, the next run's file creations cost several times more
@@ -138,8 +140,6 @@ class SmtpProxyInstance:
         self._start(settings or {})
 
     def _start(self, settings: dict[str, Any]) -> None:
-        from tests.support.process import SmtpProxyProcess, write_config
-
         for section, values in settings.items():
             current = self._settings.get(section)
             if isinstance(values, dict) and isinstance(current, dict):
@@ -157,7 +157,7 @@ class SmtpProxyInstance:
                 raise RuntimeError("smtpproxy's workers did not start")
             time.sleep(0.05)
         self.port = primary.smtp_port
-        self.pids = [primary.proc.pid, *_children(primary.proc.pid)]
+        self.pids = [primary.proc.pid, *children(primary.proc.pid)]
 
     def _expected(self) -> int:
         """The processes that report ready: SMTP ones, and delivery ones when delivering."""
@@ -346,13 +346,13 @@ class PostfixInstance:
     def cpu_seconds(self) -> float:
         """The master, everything it reaped, and its live children."""
         total = _cpu_with_reaped(self.pid)
-        for child in _children(self.pid):
+        for child in children(self.pid):
             total += process_cpu_seconds(child)
         return total
 
     def rss_mb(self) -> float:
         """Memory of the whole process tree (PSS: shared libraries counted once)."""
-        return pss_mb(self.pid) + sum(pss_mb(c) for c in _children(self.pid))
+        return pss_mb(self.pid) + sum(pss_mb(c) for c in children(self.pid))
 
     def stored(self) -> int:
         """Messages in the hold queue."""
@@ -385,17 +385,3 @@ class PostfixInstance:
 def _cpu_with_reaped(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry.name))
-    return out
