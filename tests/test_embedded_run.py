@@ -10,22 +10,12 @@ from pathlib import Path
 import trio
 from cryptography.fernet import Fernet
 
-from tests.support.process import SmtpProxyProcess, write_config
+from tests.support.process import SmtpProxyProcess, proc_files, write_config
 
 
 def processes_using(directory: Path) -> list[int]:
     """Processes whose command line names directory (the embedded servers')."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(directory).encode() in cmdline:
-            found.append(int(proc.name))
-    return found
+    return [pid for pid, cmdline in proc_files("cmdline") if str(directory).encode() in cmdline]
 
 
 async def test_embedded_servers_are_shared_with_the_delivery_process_and_stopped(

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +121,22 @@ def running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def children(pid: int) -> list[int]:
-    """The processes pid started and that are still there (their parent pid in /proc)."""
-    found = []
+def proc_files(name: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, contents of /proc/PID/name) for every process there is; one that ends
+    while this reads is left out."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            yield int(entry.name), (entry / name).read_bytes()
         except OSError:  # gone meanwhile
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
+
+
+def children(pid: int) -> list[int]:
+    """The processes pid started and that are still there (their parent pid in /proc)."""
+    return [
+        child
+        for child, stat in proc_files("stat")
+        if int(stat.rsplit(b")", 1)[1].split()[1]) == pid
+    ]
