@@ -16,7 +16,6 @@ from typing import Any
 import psycopg
 import pytest
 import trio
-from cryptography.fernet import Fernet
 from loguru import logger
 
 from smtpproxy import admin
@@ -27,10 +26,9 @@ from smtpproxy.ingress import devices
 from smtpproxy.ingress.devices import Device, DeviceTable
 from smtpproxy.models import AccountIdentity
 from smtpproxy.runtime.service import Running
-from tests.conftest import PASSWORD, make_config
+from tests.conftest import PASSWORD, CliConfigFactory, make_config
 from tests.support import serving, smtp
-from tests.support.cli import config_settings, run_cli
-from tests.support.process import write_config
+from tests.support.cli import run_cli
 from tests.support.serving import add_file_provider, wait_status
 
 run = trio.to_thread.run_sync
@@ -169,6 +167,7 @@ async def test_a_registered_network_sends_without_auth_on_the_device_listener_on
     account: dict[str, Any],
     printed: Path,
     nursery: trio.Nursery,
+    cli_config_file: CliConfigFactory,
 ) -> None:
     """From the registered network, without AUTH, plain or over TLS 1.0, the device
     listener accepts mail as the device's account and it is delivered through that
@@ -221,10 +220,7 @@ async def test_a_registered_network_sends_without_auth_on_the_device_listener_on
     assert [(s["client_ip"], s["account"]) for s in others] == [(PRINTER, None), (STRANGER, None)]
     assert b'smtpproxy_smtp_device_sessions_total{device="printer"} 3' in metrics
     assert [row["device"] for row in rows] == ["printer", "printer"]
-    config = write_config(
-        tmp_path / "cli.toml",
-        config_settings(tmp_path, pg_url, redis_url, key_prefix, Fernet.generate_key().decode()),
-    )
+    config = cli_config_file()
     story = run_cli(config, "message", "show", rows[0]["id"], check=True).stdout
     shown = json.loads(run_cli(config, "message", "show", rows[0]["id"], "--json").stdout)
     owner = json.loads(run_cli(config, "account", "show", "app", "--json", check=True).stdout)
