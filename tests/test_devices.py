@@ -16,7 +16,6 @@ from typing import Any
 import psycopg
 import pytest
 import trio
-from loguru import logger
 
 from smtpproxy import admin
 from smtpproxy.admin import devices as admin_devices
@@ -136,26 +135,19 @@ async def test_tls_1_0_and_1_1_are_let_in_on_the_device_listener_only(
     is logged as one line saying why (an old device at the wrong port is not an error
     of ours, and gets no traceback)."""
     _, stop, port, device_port = await start(nursery, tmp_path, pg_url, redis_url, key_prefix)
-    lines: list[tuple[str, str]] = []
-    sink = logger.add(lambda m: lines.append((m.record["level"].name, m.record["message"])))
-    try:
-        with trio.fail_after(30):
-            agreed = [await run(lambda v=v: handshake(device_port, v)) for v in (TLS_1_0, TLS_1_1)]
-            for version in (TLS_1_0, TLS_1_1):
-                with pytest.raises(ssl.SSLError):  # the server hangs up on the ClientHello
-                    await run(lambda v=version: handshake(port, v))
-            code, _ = await run(
-                lambda: printer_send(device_port, STRANGER, tls=TLS_1_0, login=True)
-            )
-    finally:
-        logger.remove(sink)
+    with serving.log_records() as lines, trio.fail_after(30):
+        agreed = [await run(lambda v=v: handshake(device_port, v)) for v in (TLS_1_0, TLS_1_1)]
+        for version in (TLS_1_0, TLS_1_1):
+            with pytest.raises(ssl.SSLError):  # the server hangs up on the ClientHello
+                await run(lambda v=version: handshake(port, v))
+        code, _ = await run(lambda: printer_send(device_port, STRANGER, tls=TLS_1_0, login=True))
     stop.set()
 
     assert agreed == ["TLSv1", "TLSv1.1"]
     assert code == 250
-    failed = [text for level, text in lines if "handshake" in text]
+    failed = [r["msg"] for r in lines if "handshake" in r["msg"]]
     assert failed == ["STARTTLS handshake failed: UNSUPPORTED_PROTOCOL"] * 2, lines
-    assert [text for level, text in lines if level == "ERROR"] == []
+    assert [r["msg"] for r in lines if r["level"] == "ERROR"] == []
 
 
 async def test_a_registered_network_sends_without_auth_on_the_device_listener_only(
@@ -175,9 +167,7 @@ async def test_a_registered_network_sends_without_auth_on_the_device_listener_on
     the default listener, and an unregistered address gets 530 on the device listener.
     The session log line and the metrics name the device."""
     admin_devices.add_device(conn, "printer", f"{PRINTER}/32", "app", "2nd floor")
-    lines: list[dict[str, Any]] = []
-    sink = logger.add(lambda m: lines.append(m.record["extra"] | {"msg": m.record["message"]}))
-    try:
+    with serving.log_records() as lines:
         running, stop, port, device_port = await start(
             nursery, tmp_path, pg_url, redis_url, key_prefix
         )
@@ -199,8 +189,6 @@ async def test_a_registered_network_sends_without_auth_on_the_device_listener_on
             health_port = running.health[1]
             metrics = await run(lambda: scrape(health_port))
         stop.set()
-    finally:
-        logger.remove(sink)
 
     assert plain[0] == over_tls[0] == 250
     assert wrong_sender[0] == 550

@@ -20,7 +20,6 @@ import pytest
 import redis
 import trio
 from cryptography import x509
-from loguru import logger
 
 from smtpproxy import admin
 from smtpproxy.config.passwords import hash_password
@@ -252,7 +251,7 @@ async def test_password_change_and_networks_apply_at_once(
     running, stop = await start(nursery, tmp_path, pg_url, redis_url, key_prefix)
     port = running.smtp[0][1]
     # each change is followed by a wait for the reload it notifies (not a fixed sleep)
-    with trio.fail_after(60), serving.reloads() as reloaded:
+    with trio.fail_after(60), serving.log_records() as reloaded:
         assert (await run(lambda: login_result(port, "app", PASSWORD)))[0] == 235
         assert (await run(lambda: login_result(port, "app", PASSWORD)))[0] == 235  # cached
         await serving.changed_and_reloaded(
@@ -438,9 +437,7 @@ async def test_implicit_tls_listener_and_session_log(
 ) -> None:
     """smtp.tls_listen speaks TLS from the first byte and allows AUTH at once; every
     session ends with one log line naming client, account, ids and outcome."""
-    lines: list[dict[str, Any]] = []
-    sink = logger.add(lambda m: lines.append(m.record["extra"] | {"msg": m.record["message"]}))
-    try:
+    with serving.log_records() as lines:
         running, stop = await start(
             nursery, tmp_path, pg_url, redis_url, key_prefix, smtp={"tls_listen": ["127.0.0.1:0"]}
         )
@@ -463,8 +460,6 @@ async def test_implicit_tls_listener_and_session_log(
             while not any(line.get("msg") == "SMTP session ended" for line in lines):
                 await trio.sleep(0.05)
         stop.set()
-    finally:
-        logger.remove(sink)
     assert code == 250
     [session] = [line for line in lines if line.get("msg") == "SMTP session ended"]
     assert session["client_ip"] == "127.0.0.1" and session["account"] == "app"

@@ -47,7 +47,7 @@ async def test_a_new_route_applies_without_restart(
             account_name=None,
         )
         started = trio.current_time()
-        with serving.reloads() as reloaded:  # "within about a second" (more under load)
+        with serving.log_records() as reloaded:  # "within about a second" (more under load)
             await serving.changed_and_reloaded(
                 reloaded, lambda: conn.execute("NOTIFY smtpproxy_config, 'route'"), "route"
             )

@@ -64,34 +64,35 @@ async def wait_status(
             await trio.sleep(interval)
 
 
-RELOADED = "configuration reloaded ("
-
-
 @contextmanager
-def reloads() -> Iterator[list[str]]:
-    """The "configuration reloaded (kinds)" log lines of services running in this
-    process, collected while the block runs (see changed_and_reloaded)."""
-    lines: list[str] = []
+def log_records() -> Iterator[list[dict[str, Any]]]:
+    """The log lines of services running in this process while the block runs, each
+    as its extra fields plus "msg" (the message) and "level" (its name)."""
+    records: list[dict[str, Any]] = []
     sink = logger.add(
-        lambda m: (
-            lines.append(m.record["message"]) if m.record["message"].startswith(RELOADED) else None
+        lambda m: records.append(
+            m.record["extra"] | {"msg": m.record["message"], "level": m.record["level"].name}
         )
     )
     try:
-        yield lines
+        yield records
     finally:
         logger.remove(sink)
 
 
+RELOADED = "configuration reloaded ("
+
+
 async def changed_and_reloaded(
-    reloaded: list[str], change: Callable[[], object], kind: str, timeout: float = 10
+    records: list[dict[str, Any]], change: Callable[[], object], kind: str, timeout: float = 10
 ) -> None:
     """Make the change, then wait until a service has reloaded for a notification of
-    that kind sent after it (the reload comes within about a second, later under load)."""
-    seen = len(reloaded)
+    that kind sent after it (the reload comes within about a second, later under load).
+    records: log_records()'s list."""
+    seen = len(records)
     change()
     with trio.fail_after(timeout):
-        while not any(kind in line for line in reloaded[seen:]):
+        while not any(r["msg"].startswith(RELOADED) and kind in r["msg"] for r in records[seen:]):
             await trio.sleep(0.05)
 
 
