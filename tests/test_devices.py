@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import smtplib
 import ssl
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -89,12 +88,6 @@ def printer_send(
             if code != 250:
                 return code, reply
         return client.data(smtp.message(sender=mail_from))
-
-
-def scrape(port: int) -> bytes:
-    """What the health listener's /metrics says."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return bytes(resp.read())
 
 
 async def start(
@@ -187,7 +180,7 @@ async def test_a_registered_network_sends_without_auth_on_the_device_listener_on
                 await trio.sleep(0.05)
             assert running.health is not None
             health_port = running.health[1]
-            metrics = await run(lambda: scrape(health_port))
+            metrics = await run(lambda: serving.get_text(health_port))
         stop.set()
 
     assert plain[0] == over_tls[0] == 250
@@ -206,7 +199,7 @@ async def test_a_registered_network_sends_without_auth_on_the_device_listener_on
     assert [s["accepted"] for s in from_printer] == [1, 1, 0]
     others = [s for s in sessions if "device" not in s]
     assert [(s["client_ip"], s["account"]) for s in others] == [(PRINTER, None), (STRANGER, None)]
-    assert b'smtpproxy_smtp_device_sessions_total{device="printer"} 3' in metrics
+    assert 'smtpproxy_smtp_device_sessions_total{device="printer"} 3' in metrics
     assert [row["device"] for row in rows] == ["printer", "printer"]
     config = cli_config_file()
     story = run_cli(config, "message", "show", rows[0]["id"], check=True).stdout

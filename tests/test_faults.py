@@ -602,17 +602,12 @@ async def send_and_scrape(
     # unrecorded deliveries (to be sent again) and their "delivered in" lines with it
     with trio.fail_after(30):
         while True:
-            merged = await run(lambda: http_text(health, "/metrics"))
+            merged = await run(lambda: serving.get_text(health))
             if sample(merged, "smtpproxy_deliveries_total") >= len(ids):
                 break
             await trio.sleep(0.1)
-    own = await run(lambda: http_text(health, "/metrics/process"))
+    own = await run(lambda: serving.get_text(health, "/metrics/process"))
     return ids, merged, own
-
-
-def http_text(port: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-        return str(resp.read().decode())
 
 
 def http_status(port: int, path: str) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import email.policy
 import json
 import os
-import urllib.request
 from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
@@ -164,17 +163,12 @@ async def test_two_mailboxes_each_at_their_pace_without_a_429(
     health = running.health[1]
     with trio.fail_after(10):  # the recorder counts outcomes after committing their rows
         while True:
-            metrics = await run(lambda: scrape(health))
+            metrics = await run(lambda: serving.get_text(health))
             paced = [line for line in metrics.splitlines() if 'outcome="paced"' in line]
             if sum(float(line.rpartition(" ")[2]) for line in paced) >= 5:
                 break
             await trio.sleep(0.1)
     assert len(paced) == 1 and paced[0].endswith(" 5"), paced
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        return str(resp.read().decode())
 
 
 async def test_a_25_mb_scan_over_smtp_arrives_through_an_upload_session(

@@ -41,6 +41,13 @@ def get_json(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, 
             return exc.code, json.loads(exc.read())
 
 
+def get_text(port: int, path: str = "/metrics") -> str:
+    """The body of GET path on the health listener at 127.0.0.1:port (by default
+    /metrics, every process's metrics added up)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+        return str(resp.read().decode())
+
+
 def readiness(port: int) -> tuple[int, dict[str, Any]]:
     """(status, body) of GET /readyz."""
     return get_json(port, "/readyz")
